@@ -1,0 +1,407 @@
+"""Streaming safetensors reader and writer, tensor by tensor, without loading a model into memory.
+
+The format is simple enough to read directly: an 8-byte little-endian header length, a JSON header
+``{name: {dtype, shape, data_offsets}}`` (plus ``__metadata__``), then the raw bytes. Reading it
+ourselves lets us (a) read one tensor, or one slice of one tensor, with a single ``pread`` into a fresh
+buffer (no mmap pages counted against RSS), (b) check every header against the file size so a truncated
+file gives a clear error naming file and tensor, and (c) write shards whose layout is planned up front,
+so tensors may arrive in any order and memory stays bounded by one tensor.
+
+bf16 and fp8 arrays use ``ml_dtypes`` dtypes, so bytes round-trip exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+
+from fusion_jax.errors import CheckpointError, CorruptFileError, MissingTensorError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_CODES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own bound
+
+
+def dtype_from_code(code: str, where: str = "") -> np.dtype:
+    try:
+        return _DTYPES[code]
+    except KeyError:
+        raise CheckpointError(f"{where}: unsupported safetensors dtype {code!r}") from None
+
+
+def code_from_dtype(dtype) -> str:
+    dt = np.dtype(dtype)
+    try:
+        return _CODES[dt]
+    except KeyError:
+        raise CheckpointError(f"cannot store dtype {dt} in safetensors") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte range, dtype and shape."""
+
+    name: str
+    file: Path
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate one safetensors file's header. Raises CorruptFileError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CorruptFileError(f"{path}: file is truncated (only {size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise CorruptFileError(
+                    f"{path}: header length {n} does not fit in the file ({size} bytes): "
+                    "the file is truncated or not safetensors")
+            header_bytes = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        header = json.loads(header_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptFileError(f"{path}: malformed safetensors header ({e})") from e
+    if not isinstance(header, dict):
+        raise CorruptFileError(f"{path}: malformed safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    base = 8 + n
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        try:
+            dtype = dtype_from_code(entry["dtype"], f"{path}: tensor {name!r}")
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{path}: malformed header entry for tensor {name!r}") from e
+        expected = math.prod(shape) * dtype.itemsize
+        if end - begin != expected or begin < 0:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} of "
+                f"{entry['dtype']} needs {expected}")
+        if base + end > size:
+            raise CorruptFileError(
+                f"{path}: tensor {name!r} ends at byte {base + end} but the file has {size} bytes: "
+                "the file is truncated")
+        infos[name] = TensorInfo(name, path, dtype, shape, base + begin, base + end)
+    return infos, dict(metadata)
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, where: str) -> None:
+    got = 0
+    while got < len(buf):
+        n = os.preadv(fd, [buf[got:]], offset + got)
+        if n <= 0:
+            raise CorruptFileError(f"{where}: unexpected end of file")
+        got += n
+
+
+class SafetensorsReader:
+    """Lazy reader over a checkpoint directory (sharded with an index, or one file) or a single file.
+
+    Tensors are read on demand with ``get(name)`` or, for one device's share, ``get_slice(name, idx)``;
+    only the bytes needed are read. File descriptors are cached; use as a context manager or ``close()``.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._fds: dict[Path, int] = {}
+        self.metadata: dict[str, str] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        if self.path.is_file():
+            files = [self.path]
+        elif (self.path / INDEX_NAME).is_file():
+            files = self._files_from_index(self.path / INDEX_NAME)
+        elif self.path.is_dir():
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise CheckpointError(f"{self.path}: no *.safetensors files found")
+        else:
+            raise CheckpointError(f"{self.path}: no such file or directory")
+        for f in files:
+            infos, meta = read_header(f)
+            for name, info in infos.items():
+                if name in self.tensors:
+                    raise CorruptFileError(
+                        f"tensor {name!r} appears in both {self.tensors[name].file} and {f}")
+                self.tensors[name] = info
+            self.metadata.update(meta)
+
+    def _files_from_index(self, index_path: Path) -> list[Path]:
+        try:
+            index = json.loads(index_path.read_text())
+            weight_map: dict[str, str] = index["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise CorruptFileError(f"{index_path}: malformed index ({e})") from e
+        files = []
+        for fname in dict.fromkeys(weight_map.values()):
+            f = index_path.parent / fname
+            if not f.is_file():
+                raise CheckpointError(f"{index_path}: shard {fname} listed in the index does not exist")
+            files.append(f)
+        self._index_map = weight_map
+        return files
+
+    # -- queries -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise MissingTensorError(f"{self.path}: tensor {name!r} not found") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.info(name).shape
+
+    def dtype(self, name: str) -> np.dtype:
+        return self.info(name).dtype
+
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    # -- reads ---------------------------------------------------------------------------------
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def get(self, name: str) -> np.ndarray:
+        """Read one whole tensor into a new array (dtype as stored)."""
+        info = self.info(name)
+        out = np.empty(info.shape, info.dtype)
+        if info.nbytes:
+            _pread_into(self._fd(info.file), memoryview(out.reshape(-1).view(np.uint8)), info.start,
+                        f"{info.file}: tensor {name!r}")
+        return out
+
+    def get_slice(self, name: str, index: Sequence[slice] | tuple) -> np.ndarray:
+        """Read ``tensor[index]`` reading only the rows (leading axis) it needs.
+
+        ``index`` is a tuple of slices as ``jax.sharding`` produces for one device's shard.
+        """
+        info = self.info(name)
+        index = tuple(index) + (slice(None),) * (len(info.shape) - len(index))
+        if not info.shape:
+            return self.get(name)
+        lead = index[0]
+        start, stop, step = lead.indices(info.shape[0])
+        if step != 1:
+            return self.get(name)[index]
+        row_bytes = info.nbytes // max(info.shape[0], 1)
+        rows = max(stop - start, 0)
+        out = np.empty((rows,) + info.shape[1:], info.dtype)
+        if out.nbytes:
+            _pread_into(self._fd(info.file), memoryview(out.reshape(-1).view(np.uint8)),
+                        info.start + start * row_bytes, f"{info.file}: tensor {name!r}")
+        return out[(slice(None),) + index[1:]]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# -- writing -------------------------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """'5GB' -> 5_000_000_000 (transformers' convention: GB is 10**9, GiB is 2**30)."""
+    if isinstance(size, int):
+        return size
+    m = _SIZE_RE.match(str(size))
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (expected e.g. 500MB, 5GB, 2GiB)")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+def plan_shards(specs: Sequence[TensorSpec], max_shard_size: int | str) -> list[list[TensorSpec]]:
+    """Group tensors, in order, into shards of at most ``max_shard_size`` bytes (a larger tensor
+    gets a shard of its own), as transformers' ``save_pretrained`` does."""
+    limit = parse_size(max_shard_size)
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for s in specs:
+        if shards[-1] and size + s.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(s)
+        size += s.nbytes
+    return [s for s in shards if s] or [[]]
+
+
+def _header_bytes(specs: Sequence[TensorSpec], metadata: Mapping[str, str]) -> tuple[bytes, dict]:
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offsets = {}
+    pos = 0
+    for s in specs:
+        header[s.name] = {"dtype": code_from_dtype(s.dtype), "shape": list(s.shape),
+                          "data_offsets": [pos, pos + s.nbytes]}
+        offsets[s.name] = pos
+        pos += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header with spaces to 8-byte alignment
+    return raw, offsets
+
+
+class ShardedWriter:
+    """Write a planned set of tensors into safetensors shards, in any order, one tensor at a time.
+
+    The plan (names, shapes, dtypes) is known up front, so each shard's header is written first and each
+    tensor's bytes go straight to their final offset: memory stays bounded by the tensor being written.
+    ``close()`` checks every planned tensor was written and writes ``model.safetensors.index.json`` when
+    there is more than one shard. Write into a temporary directory (see ``utils.atomic``).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, specs: Iterable[TensorSpec],
+                 max_shard_size: int | str = "5GB", metadata: Mapping[str, str] | None = None,
+                 prefix: str = "model"):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        specs = [TensorSpec(s.name, tuple(int(d) for d in s.shape), np.dtype(s.dtype)) for s in specs]
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise CheckpointError("duplicate tensor names in the write plan")
+        metadata = {"format": "pt", **(metadata or {})}
+        shards = plan_shards(specs, max_shard_size)
+        n = len(shards)
+        self._where: dict[str, tuple[int, int, TensorSpec]] = {}  # name -> (fd, offset, spec)
+        self._fds: list[int] = []
+        self.files: list[Path] = []
+        self.weight_map: dict[str, str] = {}
+        for i, shard in enumerate(shards):
+            fname = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+            path = self.out_dir / fname
+            header, offsets = _header_bytes(shard, metadata)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            self._fds.append(fd)
+            self.files.append(path)
+            base = 8 + len(header)
+            os.pwrite(fd, struct.pack("<Q", len(header)) + header, 0)
+            os.ftruncate(fd, base + sum(s.nbytes for s in shard))
+            for s in shard:
+                self._where[s.name] = (fd, base + offsets[s.name], s)
+                self.weight_map[s.name] = fname
+        self.total_size = sum(s.nbytes for s in specs)
+        self._pending = set(self._where)
+
+    def write(self, name: str, array) -> None:
+        try:
+            fd, offset, spec = self._where[name]
+        except KeyError:
+            raise CheckpointError(f"tensor {name!r} is not in the write plan") from None
+        arr = np.asarray(array)
+        if arr.shape != spec.shape or arr.dtype != spec.dtype:
+            raise CheckpointError(
+                f"tensor {name!r}: planned {spec.shape} {spec.dtype}, got {arr.shape} {arr.dtype}")
+        buf = memoryview(np.ascontiguousarray(arr).reshape(-1).view(np.uint8))
+        done = 0
+        while done < len(buf):
+            done += os.pwrite(fd, buf[done:], offset + done)
+        self._pending.discard(name)
+
+    def close(self) -> None:
+        if self._pending:
+            missing = sorted(self._pending)[:5]
+            raise CheckpointError(f"{self.out_dir}: {len(self._pending)} planned tensors were never "
+                                  f"written, e.g. {missing}")
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size},
+                     "weight_map": dict(sorted(self.weight_map.items()))}
+            (self.out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+    def abort(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def save_tensors(out_dir: str | os.PathLike, tensors: Mapping[str, np.ndarray],
+                 max_shard_size: int | str = "5GB", metadata: Mapping[str, str] | None = None) -> list[Path]:
+    """Write a whole in-memory ``{name: array}`` map as shards (convenience for small models)."""
+    arrays = {k: np.asarray(v) for k, v in tensors.items()}
+    specs = [TensorSpec(k, a.shape, a.dtype) for k, a in arrays.items()]
+    with ShardedWriter(out_dir, specs, max_shard_size, metadata) as w:
+        for k, a in arrays.items():
+            w.write(k, a)
+    return w.files
