@@ -1,0 +1,172 @@
+"""The fused model: N specialists stacked on an "expert" axis plus one shared gate.
+
+``FusedModel`` holds one graphdef (all specialists share an architecture), the specialists' params as a
+pure-dict pytree with a leading expert axis, and the gate params. Forward, loss and greedy decoding run
+all specialists in one ``jax.vmap``; see :mod:`fusion_jax.ultrafuser.fusion` for the math.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from fusion_jax.errors import ConfigError
+from fusion_jax.ultrafuser import fusion
+from fusion_jax.ultrafuser.gate import GateConfig, gate_weights, init_gate
+
+
+def check_compatible(configs: Sequence[Any], names: Sequence[str]) -> None:
+    """All specialists must share architecture, shapes and vocabulary (one tokenizer, stacked params)."""
+    ref = configs[0]
+    keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+            "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
+    for cfg, name in zip(configs[1:], names[1:]):
+        for k in keys:
+            a, b = getattr(ref, k, None), getattr(cfg, k, None)
+            if a != b:
+                what = "vocabularies" if k == "vocab_size" else "architectures"
+                raise ConfigError(
+                    f"specialists {names[0]!r} and {name!r} have different {what}: {k} = {a} vs {b} "
+                    "(UltraFuser stacks specialists of one architecture and one tokenizer)")
+
+
+@dataclasses.dataclass
+class FusedModel:
+    graphdef: Any                     # nnx GraphDef of one specialist (CausalLM)
+    config: Any                       # its ModelConfig
+    params: Any                       # pure dict, every leaf [K, ...]
+    gate: dict                        # gate params
+    gate_config: GateConfig
+    names: tuple[str, ...]
+
+    # -- construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_models(cls, models: Sequence[nnx.Module], names: Sequence[str], *, gate: dict | None = None,
+                    gate_hidden: int = 512, key: jax.Array | None = None) -> "FusedModel":
+        if len(models) != len(names):
+            raise ConfigError("one name per specialist is required")
+        check_compatible([m.config for m in models], list(names))
+        splits = [nnx.split(m, nnx.Param) for m in models]
+        graphdef = splits[0][0]
+        params = fusion.stack_trees([nnx.to_pure_dict(s[1]) for s in splits])
+        cfg = models[0].config
+        gcfg = GateConfig(input_size=cfg.hidden_size, hidden_size=gate_hidden, num_experts=len(models),
+                          specialist_names=tuple(names))
+        if gate is None:
+            gate = init_gate(key if key is not None else jax.random.key(0), gcfg)
+        return cls(graphdef, cfg, params, gate, gcfg, tuple(names))
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.names)
+
+    def specialist_params(self, k: int):
+        return fusion.unstack_tree(self.params, k)
+
+    def specialist(self, k: int) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.specialist_params(k))
+
+    # -- per-specialist functions (vmapped by fusion.*) ----------------------------------------------
+    def hidden_fn(self, p, ids, mask):
+        return nnx.merge(self.graphdef, p)(ids, attention_mask=mask, return_hidden=True,
+                                           return_logits=False).hidden
+
+    def head_fn(self, p, h):
+        return nnx.merge(self.graphdef, p).logits_from_hidden(h)
+
+    def loss(self, params, gate, batch, chunk: int = 128):
+        return fusion.fused_loss(self.hidden_fn, self.head_fn, params, gate, batch, chunk)
+
+    def logits(self, params, gate, input_ids, attention_mask):
+        """Full fused logits [B,S,V] and gate weights [K,B,S] (small inputs only)."""
+        hidden = fusion.stacked_hidden(self.hidden_fn, params, input_ids, attention_mask)
+        return fusion.fused_logits(self.head_fn, params, gate, hidden)
+
+    # -- decoding --------------------------------------------------------------------------------------
+    def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int | None = None,
+                 pad_token_id: int = 0):
+        """Greedy decoding of the fused model; one KV cache per specialist (stacked on the expert axis).
+
+        input_ids/attention_mask [K,B,P]: the prompt rendered in each specialist's template, left-padded
+        to one length. Returns the new tokens [B, max_new_tokens] (pad after EOS).
+        """
+        return _generate(self.graphdef, self.params, self.gate, jnp.asarray(input_ids),
+                         jnp.asarray(attention_mask), int(max_new_tokens),
+                         -1 if eos_token_id is None else int(eos_token_id), int(pad_token_id))
+
+    # -- sharding -------------------------------------------------------------------------------------
+    def logical_axes(self):
+        """Pure-dict tree of logical axes for the stacked params: ("expert",) + each param's axes."""
+        from fusion_jax import sharding
+        one = nnx.merge(self.graphdef, self.specialist_params(0))
+        axes = sharding.state_logical_axes(nnx.state(one, nnx.Param))
+        return jax.tree.map(lambda ax: ("expert",) + tuple(ax), axes, is_leaf=lambda x: isinstance(x, tuple))
+
+    def shardings(self, mesh: Mesh, rules=None):
+        from fusion_jax import sharding
+        p_sh = sharding.logical_to_mesh_sharding(self.logical_axes(), mesh, rules, shapes=self.params)
+        g_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), self.gate)
+        return p_sh, g_sh
+
+    def place(self, mesh: Mesh, rules=None) -> "FusedModel":
+        p_sh, g_sh = self.shardings(mesh, rules)
+        self.params = jax.device_put(self.params, p_sh)
+        self.gate = jax.device_put(self.gate, g_sh)
+        return self
+
+
+def batch_shardings(batch: dict, mesh: Mesh, rules=None) -> dict:
+    """[K,B,S] arrays: (expert, batch); [B,S] arrays: (batch,)."""
+    from fusion_jax import sharding
+
+    def f(x):
+        names = ("expert", "batch", "seq") if x.ndim == 3 else ("batch", "seq")
+        return NamedSharding(mesh, sharding.logical_to_spec(names[: x.ndim], x.shape, mesh, rules))
+
+    return {k: f(np.asarray(v)) for k, v in batch.items()}
+
+
+@partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _generate(graphdef, params, gate, input_ids, attention_mask, max_new: int, eos: int, pad: int):
+    K, B, P_ = input_ids.shape
+    total = P_ + max_new
+
+    def prefill(p, ids, mask):
+        m = nnx.merge(graphdef, p)
+        cache = m.init_cache(B, total)
+        out = m(ids, attention_mask=mask, cache=cache, return_hidden=True, return_logits=False)
+        return out.hidden[:, -1], out.cache
+
+    def decode(p, tok, cache):
+        m = nnx.merge(graphdef, p)
+        out = m(tok[:, None], attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache,
+                return_hidden=True, return_logits=False)
+        return out.hidden[:, 0], out.cache
+
+    def head(p, h):
+        return nnx.merge(graphdef, p).logits_from_hidden(h)
+
+    def pick(h):  # h [K,B,D]
+        w = gate_weights(gate, h)
+        return jnp.argmax(fusion.mix_logits(w, jax.vmap(head)(params, h)), axis=-1).astype(jnp.int32)
+
+    h, caches = jax.vmap(prefill)(params, input_ids, attention_mask)
+    tok = pick(h)
+    done = tok == eos
+
+    def step(carry, _):
+        tok, caches, done = carry
+        h, caches = jax.vmap(decode, in_axes=(0, None, 0))(params, tok, caches)
+        nxt = pick(h)
+        nxt = jnp.where(done, pad, nxt)
+        done = done | (nxt == eos)
+        return (nxt, caches, done), nxt
+
+    _, rest = jax.lax.scan(step, (tok, caches, done), None, length=max_new - 1)
+    return jnp.concatenate([tok[:, None], rest.T], axis=1)
