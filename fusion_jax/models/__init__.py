@@ -1,0 +1,6 @@
+"""Flax NNX decoder zoo (Llama family) and ``ModelConfig``; see ``.notes/MODEL_API.md``."""
+from fusion_jax.models.config import ModelConfig
+from fusion_jax.models.llama import CausalLM, KVCache, ModelOutput
+from fusion_jax.models.generate import generate
+
+__all__ = ["ModelConfig", "CausalLM", "ModelOutput", "KVCache", "generate"]

@@ -1,0 +1,307 @@
+"""Load and save HF (transformers) checkpoints of the Llama family, tensor by tensor.
+
+``load(dir)`` -> ``(ModelConfig, params)`` where ``params`` is a NESTED DICT of ``jax.Array`` with the
+same structure as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (see ``.notes/MODEL_API.md``); put it
+into a model with ``load_model`` or ``nnx.replace_by_pure_dict(state, params); nnx.update(model, state)``.
+
+Reading never holds the model twice: each param is assembled with ``jax.make_array_from_callback``, whose
+callback reads (``pread``) only the rows that one device's shard needs, transposes, casts, and hands the
+buffer to JAX; per-layer HF tensors are stacked into the ``[L, ...]`` param inside that callback.
+``save`` streams the other way through ``ShardedWriter`` into a temporary directory renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from fusion_jax.errors import (CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError)
+from fusion_jax.hf import mapping
+from fusion_jax.hf.safetensors_io import (INDEX_NAME, SafetensorsReader, TensorSpec, ShardedWriter)
+from fusion_jax.models.config import ModelConfig, canonical_dtype
+from fusion_jax.utils.atomic import atomic_directory
+
+CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+# -- config ----------------------------------------------------------------------------------------
+def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+    """``ModelConfig`` from ``path/config.json`` (or a config.json path)."""
+    p = Path(path)
+    f = p if p.is_file() else p / CONFIG_NAME
+    if not f.is_file():
+        raise CheckpointError(f"{f}: not found (an HF checkpoint directory needs a config.json)")
+    try:
+        hf = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{f}: cannot parse ({e})") from e
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{f}: not a JSON object")
+    return ModelConfig.from_hf(hf, source=str(f), **overrides)
+
+
+# -- readers ---------------------------------------------------------------------------------------
+class _TorchBinReader:
+    """Same read interface as SafetensorsReader over legacy ``pytorch_model*.bin`` files.
+
+    Uses ``torch.load(weights_only=True, mmap=True)``; torch is imported only here.
+    """
+
+    def __init__(self, path: Path):
+        import torch  # noqa: lazy, optional
+        self.path = path
+        idx = path / _BIN_INDEX
+        if idx.is_file():
+            try:
+                files = sorted(set(json.loads(idx.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{idx}: malformed index ({e})") from e
+        else:
+            files = [f.name for f in sorted(path.glob("pytorch_model*.bin"))]
+        self._tensors: dict[str, Any] = {}
+        self._file: dict[str, Path] = {}
+        for fname in files:
+            f = path / fname
+            try:
+                sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:  # torch raises many kinds for corrupt / unsafe pickles
+                raise CheckpointError(f"{f}: cannot load with torch.load(weights_only=True): {e}") from e
+            for k, v in sd.items():
+                self._tensors[k] = v
+                self._file[k] = f
+
+    def names(self):
+        return list(self._tensors)
+
+    def __contains__(self, name):
+        return name in self._tensors
+
+    def file_of(self, name) -> Path:
+        return self._file[name]
+
+    def shape(self, name):
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name):
+        return _torch_to_np(self._tensors[name][:0]).dtype
+
+    def get(self, name):
+        return _torch_to_np(self._tensors[name])
+
+    def get_slice(self, name, index):
+        return _torch_to_np(self._tensors[name][tuple(index)])
+
+    def close(self):
+        self._tensors.clear()
+
+
+def _torch_to_np(t) -> np.ndarray:
+    import ml_dtypes
+    import torch
+    t = t.contiguous()
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+    return t.numpy().copy()
+
+
+def _open_reader(path: Path):
+    if path.is_file() or (path / INDEX_NAME).is_file() or any(path.glob("*.safetensors")):
+        r = SafetensorsReader(path)
+        r.file_of = lambda name, _r=r: _r.tensors[name].file
+        return r
+    if (path / _BIN_INDEX).is_file() or any(path.glob("pytorch_model*.bin")):
+        return _TorchBinReader(path)
+    raise CheckpointError(f"{path}: no model.safetensors / *.safetensors or pytorch_model*.bin weights found")
+
+
+def _where(reader, path: Path) -> str:
+    """Human description of where a tensor was expected."""
+    idx = path / INDEX_NAME
+    if idx.is_file():
+        return f"{idx} and its shards"
+    files = sorted({str(reader.file_of(n)) for n in reader.names()}) if reader.names() else []
+    return ", ".join(files) or str(path)
+
+
+def validate(reader, config: ModelConfig, path: Path, *, allow_extra: bool = False) -> None:
+    """Check every tensor the config needs is present with the right shape, and nothing unexpected."""
+    expected: set[str] = set()
+    index_map = getattr(reader, "_index_map", None) or {}
+    for name, row, _ in mapping.hf_tensors(config):
+        expected.add(name)
+        if name not in reader:
+            where = f"{path / index_map[name]}" if name in index_map else _where(reader, path)
+            raise MissingTensorError(
+                f"tensor {name!r} is missing from {where} (needed by {config.architecture} as "
+                f"described by {path / CONFIG_NAME})")
+        want, got = row.hf_shape(config), tuple(reader.shape(name))
+        if want != got:
+            raise ShapeMismatchError(
+                f"tensor {name!r} in {reader.file_of(name)} has shape {list(got)}, but "
+                f"{path / CONFIG_NAME} implies {list(want)}")
+    if allow_extra:
+        return
+    ignored = [re.compile(p) for p in mapping.IGNORED_PATTERNS]
+    if config.tie_word_embeddings:
+        ignored.append(re.compile(r"lm_head\.weight"))
+    extra = [n for n in reader.names()
+             if n not in expected and not any(p.fullmatch(n) for p in ignored)]
+    if extra:
+        raise CheckpointError(
+            f"{len(extra)} unexpected tensor(s) in {reader.file_of(extra[0])}"
+            f"{' and others' if len({str(reader.file_of(n)) for n in extra}) > 1 else ''}, e.g. "
+            f"{extra[:5]}: {path / CONFIG_NAME} describes a {config.architecture} without them "
+            f"(wrong config.json, or a different architecture?)")
+
+
+# -- load ------------------------------------------------------------------------------------------
+def _resolve_dtype(reader, config: ModelConfig, param_dtype) -> np.dtype:
+    if param_dtype is not None:
+        return np.dtype(jax.numpy.dtype(canonical_dtype(param_dtype)))
+    first = next(iter(mapping.hf_tensors(config)))[0]
+    return np.dtype(reader.dtype(first))
+
+
+def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=None,
+         allow_extra: bool = False, **config_overrides) -> tuple[ModelConfig, dict]:
+    """Read an HF checkpoint directory into ``(ModelConfig, params)``.
+
+    ``param_dtype``: dtype of the loaded params (default: as stored, so bf16 stays bf16).
+    ``dtype``: compute dtype written into the config (default: ``param_dtype``).
+    ``shardings``: ``None`` (first device), one ``jax.sharding.Sharding`` for all params, or a nested dict
+    of Shardings shaped like params; each device then reads only its own slice from disk.
+    ``config_overrides``: ModelConfig fields (e.g. ``scan_layers=False, remat="full"``).
+    Raises MissingTensorError / ShapeMismatchError / UnknownArchitectureError / CorruptFileError /
+    CheckpointError naming the file and tensor at fault.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    config = read_config(path)
+    reader = _open_reader(path)
+    try:
+        validate(reader, config, path, allow_extra=allow_extra)
+        pdt = _resolve_dtype(reader, config, param_dtype)
+        pname = canonical_dtype(pdt)
+        config = config.replace(param_dtype=pname, dtype=canonical_dtype(dtype) if dtype else pname,
+                                **config_overrides)
+        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        params: dict = {}
+        for row in mapping.table(config):
+            if shardings is None:
+                sh = default
+            elif isinstance(shardings, jax.sharding.Sharding):
+                sh = shardings
+            else:
+                sh = mapping.get_path(shardings, row.path)
+            shape = row.our_shape(config)
+            arr = jax.make_array_from_callback(shape, sh, _reader_callback(reader, row, config, pdt))
+            mapping.set_path(params, row.path, arr)
+        return config, params
+    finally:
+        reader.close()
+
+
+def _reader_callback(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype):
+    L = config.num_layers
+
+    def read_one(name: str, idx: tuple) -> np.ndarray:
+        # idx indexes OUR layout of one layer's tensor; map to the HF layout for a row-range read
+        if row.transpose:
+            a, b = idx
+            t = reader.get_slice(name, (b, a))
+            t = mapping.transpose2d(t)
+        else:
+            t = reader.get_slice(name, idx) if idx else reader.get(name)
+        return t if t.dtype == dt else t.astype(dt)
+
+    def cb(index) -> np.ndarray:
+        index = tuple(index)
+        if not row.stacked:
+            full = tuple(slice(None) for _ in row.our_shape(config))
+            index = index + full[len(index):]
+            return read_one(row.hf_name(), index)
+        lead = index[0] if index else slice(None)
+        rest = tuple(index[1:]) + (slice(None),) * (len(row.our_shape(config)) - 1 - len(index[1:]))
+        layers = range(*lead.indices(L))
+        parts = None
+        for j, i in enumerate(layers):
+            t = read_one(row.hf_name(i), rest)
+            if parts is None:
+                parts = np.empty((len(layers),) + t.shape, dt)
+            parts[j] = t
+        return parts
+
+    return cb
+
+
+def load_model(path: str | os.PathLike, *, rngs=None, **kw):
+    """``CausalLM`` with the checkpoint's weights (same keywords as ``load``)."""
+    from flax import nnx
+
+    from fusion_jax.models import CausalLM
+    config, params = load(path, **kw)
+    model = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
+
+
+# -- save ------------------------------------------------------------------------------------------
+def _as_pure(params) -> Mapping:
+    from flax import nnx
+    if isinstance(params, nnx.Module):
+        params = nnx.state(params, nnx.Param)
+    if isinstance(params, nnx.State):
+        params = nnx.to_pure_dict(params)
+    return params
+
+
+def save(params, config: ModelConfig, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+         source_dir: str | os.PathLike | None = None, dtype=None, overwrite: bool = False) -> Path:
+    """Write an HF checkpoint (safetensors shards + index, config.json, and from ``source_dir`` the
+    generation config and tokenizer files) that ``transformers.AutoModelForCausalLM`` loads.
+
+    ``params``: nested dict (as ``load`` returns), an ``nnx.State`` of Params, or a ``CausalLM``.
+    ``dtype``: cast every tensor (e.g. "bf16"); default keeps each param's dtype.
+    Output goes to a temporary directory renamed to ``out_dir`` when complete.
+    """
+    params = _as_pure(params)
+    out_dt = np.dtype(jax.numpy.dtype(canonical_dtype(dtype))) if dtype is not None else None
+    specs = []
+    for name, row, _ in mapping.hf_tensors(config):
+        try:
+            leaf = mapping.get_path(params, row.path)
+        except (KeyError, TypeError):
+            raise MissingTensorError(f"params have no {'/'.join(row.path)} (needed for {name!r})") from None
+        if tuple(leaf.shape) != row.our_shape(config):
+            raise ShapeMismatchError(f"param {'/'.join(row.path)} has shape {list(leaf.shape)}, config "
+                                     f"implies {list(row.our_shape(config))}")
+        specs.append(TensorSpec(name, row.hf_shape(config), out_dt or np.dtype(leaf.dtype)))
+    stored = canonical_dtype(out_dt if out_dt is not None else specs[0].dtype)
+    convert = (lambda t: t.astype(out_dt)) if out_dt is not None else None
+    src = Path(source_dir) if source_dir is not None else None
+    if src is not None and not src.is_dir():
+        raise CheckpointError(f"--source-dir {src}: no such directory")
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        with ShardedWriter(tmp, specs, max_shard_size) as w:
+            for name, t in mapping.params_to_hf(params, config, convert):
+                w.write(name, t)
+        hf_cfg = config.to_hf(dtype=stored)
+        (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+        if src is not None:
+            for fname in (GENERATION_CONFIG_NAME,) + TOKENIZER_FILES:
+                if (src / fname).is_file():
+                    shutil.copy2(src / fname, tmp / fname)
+    return Path(out_dir)

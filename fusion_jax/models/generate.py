@@ -1,0 +1,65 @@
+"""Greedy decoding with the KV cache: one jitted prefill, then single-token steps in ``lax.while_loop``."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from fusion_jax.models.llama import CausalLM
+
+
+def _eos_tuple(eos) -> tuple[int, ...]:
+    if eos is None:
+        return ()
+    if isinstance(eos, int):
+        return (eos,)
+    return tuple(int(e) for e in eos)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos", "pad"))
+def _generate(graphdef, state, input_ids, attention_mask, *, max_new_tokens, eos, pad):
+    model = nnx.merge(graphdef, state)
+    B, S = input_ids.shape
+    cache = model.init_cache(B, S + max_new_tokens)
+    out = model(input_ids, attention_mask=attention_mask, cache=cache)
+    first = jnp.argmax(out.logits[:, -1], axis=-1).astype(jnp.int32)
+    eos_arr = jnp.asarray(eos if eos else (-1,), jnp.int32)
+    tokens = jnp.full((B, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos_arr)
+
+    def cond(carry):
+        i, _, _, done, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, tokens, cache, done, last = carry
+        o = model(last[:, None], attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache)
+        nxt = jnp.argmax(o.logits[:, -1], axis=-1).astype(jnp.int32)
+        nxt = jnp.where(done, pad, nxt)
+        tokens = tokens.at[:, i].set(nxt)
+        done = done | jnp.isin(nxt, eos_arr)
+        return i + 1, tokens, o.cache, done, nxt
+
+    _, tokens, _, _, _ = jax.lax.while_loop(cond, body, (jnp.int32(1), tokens, out.cache, done, first))
+    return tokens
+
+
+def generate(model: CausalLM, input_ids, attention_mask=None, max_new_tokens: int = 32,
+             eos_token_id=None, pad_token_id=None) -> jax.Array:
+    """Greedy-decode ``max_new_tokens`` tokens after a LEFT-padded prompt batch.
+
+    Returns only the new tokens, ``[B, max_new_tokens]`` int32. After a row emits an EOS token (any of
+    ``eos_token_id``, an int or a sequence) the rest of the row is ``pad_token_id`` (default: the first
+    EOS id, else 0) and the loop stops early once every row is done. Same tokens as transformers'
+    ``generate(do_sample=False)`` on the same left-padded batch.
+    """
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    eos = _eos_tuple(eos_token_id)
+    pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+    graphdef, state = nnx.split(model)
+    return _generate(graphdef, state, input_ids, jnp.asarray(attention_mask, jnp.int32),
+                     max_new_tokens=int(max_new_tokens), eos=eos, pad=int(pad))
