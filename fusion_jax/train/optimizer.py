@@ -1,0 +1,132 @@
+"""Optimizer from a config: AdamW with a weight-decay mask, warmup + decay schedule, global-norm clipping.
+
+The optimizer acts on the trainer's flat dict of *trainable* params only (see ``state.ParamSplit``):
+frozen params get neither gradients nor optimizer state. ``lr_multipliers`` gives regex-selected groups
+their own learning-rate scale through ``optax.multi_transform``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+import optax
+
+from fusion_jax.errors import ConfigError
+
+_SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    learning_rate: float = 1e-3
+    schedule: str = "cosine"               # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0
+    decay_steps: int | None = None         # horizon of the decay; None: the run's total steps
+    end_lr_ratio: float = 0.0              # final lr = learning_rate * end_lr_ratio
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    # params whose path matches any of these get no weight decay (norm scales, biases, 1-D params)
+    weight_decay_exclude: tuple[str, ...] = (r"norm", r"(^|/)bias$", r"(^|/)scale$")
+    grad_clip: float | None = 1.0          # global-norm clipping; None or <= 0 disables
+    trainable: tuple[str, ...] | None = None   # regexes on "a/b/c" param paths; None: all params
+    lr_multipliers: tuple[tuple[str, float], ...] = ()  # (regex, scale); first match wins
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "OptimizerConfig":
+        """From an OptimizerConfig, a mapping or an ml_collections ConfigDict (unknown keys are errors)."""
+        if cfg is None:
+            return cls()
+        if isinstance(cfg, cls):
+            return cfg
+        if hasattr(cfg, "to_dict"):
+            cfg = cfg.to_dict()
+        if not isinstance(cfg, Mapping):
+            raise ConfigError(f"optimizer: expected a mapping, got {type(cfg).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {}
+        for k, v in cfg.items():
+            if k not in names:
+                raise ConfigError(f"optimizer.{k}: unknown option (known: {', '.join(sorted(names))})")
+            if k in ("weight_decay_exclude", "trainable") and v is not None:
+                v = (v,) if isinstance(v, str) else tuple(v)
+            if k == "lr_multipliers":
+                v = tuple((str(a), float(b)) for a, b in (v.items() if isinstance(v, Mapping) else v))
+            kw[k] = v
+        out = cls(**kw)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.schedule not in _SCHEDULES:
+            raise ConfigError(f"optimizer.schedule: {self.schedule!r} is not one of {', '.join(_SCHEDULES)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"optimizer.learning_rate: must be > 0, got {self.learning_rate}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optimizer.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.end_lr_ratio <= 1:
+            raise ConfigError(f"optimizer.end_lr_ratio: must be in [0, 1], got {self.end_lr_ratio}")
+        for pat in tuple(self.weight_decay_exclude) + tuple(self.trainable or ()) + tuple(
+                p for p, _ in self.lr_multipliers):
+            try:
+                re.compile(pat)
+            except re.error as e:
+                raise ConfigError(f"optimizer: bad regex {pat!r}: {e}") from e
+
+
+def build_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    cfg.validate()
+    lr = float(cfg.learning_rate)
+    warm = int(cfg.warmup_steps)
+    horizon = int(cfg.decay_steps if cfg.decay_steps is not None else total_steps)
+    decay = max(1, horizon - warm)
+    end = lr * float(cfg.end_lr_ratio)
+    if cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(lr, decay, alpha=cfg.end_lr_ratio)
+    elif cfg.schedule == "linear":
+        after = optax.linear_schedule(lr, end, decay)
+    else:
+        after = optax.constant_schedule(lr)
+    if warm == 0:
+        return after
+    # warmup reaches lr at step ``warm``; step 0 uses lr / (warm + 1) so that no step has lr 0
+    warmup = optax.linear_schedule(lr / (warm + 1), lr, warm)
+    return optax.join_schedules([warmup, after], [warm])
+
+
+def decay_mask(cfg: OptimizerConfig, flat_params: Mapping[str, Any]) -> dict[str, bool]:
+    pats = [re.compile(p) for p in cfg.weight_decay_exclude]
+    return {k: (getattr(v, "ndim", 2) >= 2 and not any(r.search(k) for r in pats))
+            for k, v in flat_params.items()}
+
+
+def build_optimizer(cfg: OptimizerConfig, flat_params: Mapping[str, Any], total_steps: int
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW (+ clipping, + per-group lr scale) over a flat dict of trainable params.
+
+    Returns ``(tx, schedule)``; ``schedule(step)`` is the base learning rate (for logging).
+    """
+    sched = build_schedule(cfg, total_steps)
+
+    def adamw(scale: float) -> optax.GradientTransformation:
+        s = sched if scale == 1.0 else (lambda step: sched(step) * scale)
+        return optax.adamw(s, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                           mask=decay_mask(cfg, flat_params) if cfg.weight_decay else None)
+
+    if cfg.lr_multipliers:
+        pats = [(re.compile(p), float(s)) for p, s in cfg.lr_multipliers]
+        labels = {}
+        for k in flat_params:
+            labels[k] = next((f"x{s!r}" for r, s in pats if r.search(k)), "x1.0")
+        scales = {f"x{s!r}": s for _, s in pats}
+        scales["x1.0"] = 1.0
+        inner = optax.multi_transform({lab: adamw(s) for lab, s in scales.items()}, labels)
+    else:
+        inner = adamw(1.0)
+    chain = []
+    if cfg.grad_clip is not None and cfg.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
+    chain.append(inner)
+    return optax.chain(*chain), sched
