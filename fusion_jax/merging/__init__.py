@@ -1,0 +1,50 @@
+"""Weight merging over flat ``{hf_tensor_name: array}`` maps, one tensor at a time.
+
+- :mod:`.methods`: every method as a pure function of one tensor group (task-vector family as one
+  parameterised function; linear, slerp, nuslerp, model_stock, passthrough, VaRM, SCE).
+- :mod:`.config`: mergekit-compatible YAML, validated strictly.
+- :mod:`.executor`: streaming out-of-core executor writing a Hugging Face model directory atomically.
+- :mod:`.rng`: order/thread/device-independent per-tensor randomness.
+"""
+from fusion_jax.merging.config import MergeConfig, load_config
+from fusion_jax.merging.executor import execute, merge, plan_merge
+from fusion_jax.merging.methods import (METHODS, linear, merge_group, model_stock, nuslerp, sce, slerp,
+                                        sparsify, task_vector_merge, varm)
+from fusion_jax.merging.rng import stable_hash, tensor_stream
+
+__all__ = ["METHODS", "MergeConfig", "execute", "linear", "load_config", "merge", "merge_group",
+           "merge_tensors", "model_stock", "nuslerp", "plan_merge", "sce", "slerp", "sparsify",
+           "stable_hash", "task_vector_merge", "tensor_stream", "varm"]
+
+
+def merge_tensors(method: str, models: list[dict], *, base_index: int | None = None, shared=None,
+                  per_input=None, seed: int = 0) -> dict:
+    """Merge in-memory flat maps ``[{name: array}, ...]`` (same names and shapes) with ``method``.
+
+    ``shared``/``per_input`` are already-resolved parameters (defaults filled in from the method).
+    Returns ``{name: float32 numpy array}``.
+    """
+    import numpy as np
+
+    from fusion_jax.merging.methods import REQUIRED
+    spec = METHODS[method]
+    shared = dict(shared or {})
+    for p in spec.params:
+        if p.scope == "shared" and p.name not in shared:
+            if p.default is REQUIRED:
+                raise ValueError(f"{method}: missing shared parameter {p.name!r}")
+            shared[p.name] = p.default
+    per_input = [dict(d) for d in (per_input or [{} for _ in models])]
+    for i, d in enumerate(per_input):
+        for p in spec.params:
+            if (p.scope == "input" or (p.scope == "non_base" and i != base_index)) and p.name not in d:
+                if p.default is REQUIRED:
+                    raise ValueError(f"{method}: missing parameter {p.name!r} for input {i}")
+                d[p.name] = p.default
+    out = {}
+    for name in models[0]:
+        nb = len(models) - (base_index is not None)
+        streams = [tensor_stream(seed, name, j) for j in range(nb)]
+        out[name] = np.asarray(merge_group(spec, [m[name] for m in models], base_index, shared, per_input,
+                                           streams))
+    return out

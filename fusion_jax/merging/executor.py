@@ -1,0 +1,584 @@
+"""Streaming merge executor: plan every output tensor up front, then read, merge and write tensor by
+tensor (chunk by chunk for large tensors) with a few worker threads, so reads, math and writes overlap
+and peak memory is bounded by a few tensors, never by the model.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+from fusion_jax.errors import (CheckpointError, ConfigError, FusionError, MissingTensorError,
+                               ShapeMismatchError)
+from fusion_jax.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorSpec, parse_size
+from fusion_jax.merging import kernels, rng
+from fusion_jax.merging.config import MergeConfig, Source, load_config, resolve_parameter
+from fusion_jax.merging.methods import merge_group, rescale_mode
+from fusion_jax.utils.atomic import atomic_directory
+
+_LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
+_NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+              "bfloat16": np.dtype(ml_dtypes.bfloat16), "float64": np.dtype(np.float64)}
+_VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
+_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
+                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja",
+                    "chat_template.json")
+
+
+@dataclasses.dataclass
+class Model:
+    name: str
+    path: Path
+    config: dict
+    reader: SafetensorsReader
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config.get("num_hidden_layers", 0))
+
+    def tensor_name(self, name: str) -> str | None:
+        """The stored name for ``name``, following tied embeddings as mergekit's ``tied_names`` do."""
+        if name in self.reader:
+            return name
+        if name.endswith("lm_head.weight"):
+            alt = name[: -len("lm_head.weight")] + "model.embed_tokens.weight"
+            if alt in self.reader:
+                return alt
+        return None
+
+
+@dataclasses.dataclass
+class Job:
+    """One output tensor: which inputs, which parameters."""
+
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: np.dtype
+    inputs: list[tuple[int, str]]  # (model index, stored tensor name)
+    base_pos: int | None
+    shared: dict
+    per_input: list[dict]
+    streams: list[int]
+    vocab: bool = False
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _is_vocab(name: str) -> bool:
+    return name.endswith(_VOCAB_TENSORS)
+
+
+def _open_model(name: str, path: Path) -> Model:
+    if not path.is_dir():
+        raise CheckpointError(f"model {name!r}: {path} is not a directory")
+    cfg_path = path / "config.json"
+    try:
+        config = json.loads(cfg_path.read_text())
+    except OSError:
+        raise CheckpointError(f"model {name!r}: {cfg_path} not found") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"model {name!r}: {cfg_path} is not valid JSON ({e})") from None
+    return Model(name, path, config, SafetensorsReader(path))
+
+
+@dataclasses.dataclass
+class Plan:
+    config: MergeConfig
+    models: list[Model]
+    jobs: list[Job]
+    donor: Model
+    out_config: dict
+    tokenizer: Any = None  # a transformers tokenizer to save (union), else None
+    tokenizer_dir: Path | None = None
+    permutations: dict | None = None  # model index -> int array (out id -> orig id or -1)
+    compute_dtype: str | None = None
+
+    @property
+    def total_in_bytes(self) -> int:
+        return sum(self.models[m].reader.info(n).nbytes for j in self.jobs for m, n in j.inputs)
+
+    @property
+    def total_out_bytes(self) -> int:
+        return sum(j.numel * j.out_dtype.itemsize for j in self.jobs)
+
+
+def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
+    spec = cfg.spec
+    names = cfg.referenced_models()
+    models = [_open_model(n, cfg.resolve_path(n)) for n in names]
+    idx = {n: i for i, n in enumerate(names)}
+    archs = {m.name: tuple(m.config.get("architectures") or ()) for m in models}
+    if len(set(archs.values())) > 1:
+        desc = "; ".join(f"{n}: {'/'.join(a) or '?'}" for n, a in archs.items())
+        raise ConfigError(f"models of different architectures cannot be merged ({desc})")
+    donor = models[idx[cfg.base_model]] if cfg.base_model else models[0]
+
+    # normalise to output slices, as mergekit does
+    if cfg.models is not None:
+        srcs = [Source(s.model, (0, models[idx[s.model]].num_layers), s.parameters) for s in cfg.models]
+        if cfg.base_model and cfg.base_model not in [s.model for s in cfg.models]:
+            srcs.append(Source(cfg.base_model, (0, models[idx[cfg.base_model]].num_layers), None))
+        lens = {s.layer_range[1] for s in srcs}
+        if len(lens) > 1:
+            raise ShapeMismatchError("all models must have the same number of layers: " + ", ".join(
+                f"{s.model}: {s.layer_range[1]}" for s in srcs))
+        from fusion_jax.merging.config import OutSlice
+        slices = [OutSlice(srcs, None, None)]
+    else:
+        slices = cfg.slices
+    for k, sl in enumerate(slices):
+        base = sl.base_model or cfg.base_model
+        _check_contract(spec, [s.model for s in sl.sources], base, f"slices[{k}]" if cfg.slices else "models")
+        for s in sl.sources:
+            m = models[idx[s.model]]
+            if s.layer_range[1] > m.num_layers:
+                raise ConfigError(f"layer_range {list(s.layer_range)} exceeds the {m.num_layers} layers of {s.model}")
+
+    # tensor templates from the donor
+    layer_templates: list[str] = []
+    pre: list[str] = []
+    post: list[str] = []
+    seen = set()
+    for n in donor.reader.names():
+        mt = _LAYER_RE.search(n)
+        if mt:
+            tmpl = n[: mt.start(2)] + "{}" + n[mt.end(2):]
+            if tmpl not in seen:
+                seen.add(tmpl)
+                layer_templates.append(tmpl)
+        elif "embed" in n and "norm" not in n:
+            pre.append(n)
+        else:
+            post.append(n)
+    if "lm_head.weight" not in donor.reader and donor.config.get("tie_word_embeddings") is False:
+        post.append("lm_head.weight")
+
+    vocab = _vocab_setup(cfg, models, idx, donor) if cfg.tokenizer_source else None
+    out_dtype_name = cfg.out_dtype or cfg.dtype
+    jobs: list[Job] = []
+
+    def add(out_name: str, in_names: list[str], sl, t: float, optional: bool = False):
+        srcs = sl.sources
+        base = sl.base_model or cfg.base_model
+        stored = []
+        for s, nm in zip(srcs, in_names):
+            m = models[idx[s.model]]
+            stored.append(m.tensor_name(nm))
+        if all(x is None for x in stored) and (optional or out_name.endswith("lm_head.weight")):
+            return
+        for s, nm, st in zip(srcs, in_names, stored):
+            if st is None:
+                raise MissingTensorError(f"model {s.model!r} ({models[idx[s.model]].path}) has no tensor {nm!r}")
+        shapes = [models[idx[s.model]].reader.shape(st) for s, st in zip(srcs, stored)]
+        is_vocab = _is_vocab(out_name) and vocab is not None
+        if is_vocab:
+            shape = (len(vocab["vocab"]),) + tuple(shapes[0][1:])
+            if len({sh[1:] for sh in shapes}) > 1:
+                raise ShapeMismatchError(f"tensor {out_name!r}: non-vocabulary dimensions differ: " + ", ".join(
+                    f"{s.model}: {list(sh)}" for s, sh in zip(srcs, shapes)))
+        else:
+            if len(set(shapes)) > 1:
+                hint = (" (vocabularies differ: set tokenizer_source: base or union)" if _is_vocab(out_name)
+                        else "")
+                raise ShapeMismatchError(f"tensor {out_name!r} has mismatched shapes: " + ", ".join(
+                    f"{s.model}: {list(sh)}" for s, sh in zip(srcs, shapes)) + hint)
+            shape = shapes[0]
+        base_pos = next((i for i, s in enumerate(srcs) if s.model == base), None)
+        if spec.base == "ignored":
+            base_pos = None
+        shared_scopes = [sl.parameters, cfg.parameters]
+        shared = {p.name: resolve_parameter(p, shared_scopes, out_name, t, out_name)
+                  for p in spec.params if p.scope == "shared"}
+        per_input = []
+        for i, (s, st) in enumerate(zip(srcs, in_names)):
+            scopes = [s.parameters, sl.parameters, cfg.parameters]
+            d = {}
+            for p in spec.params:
+                if p.scope == "input" or (p.scope == "non_base" and i != base_pos):
+                    d[p.name] = resolve_parameter(p, scopes, st, t, f"{s.model}: {st}")
+            per_input.append(d)
+        in_dtypes = [models[idx[s.model]].reader.dtype(st) for s, st in zip(srcs, stored)]
+        od = _NP_DTYPES[out_dtype_name] if out_dtype_name else _promote(in_dtypes)
+        nb = [i for i in range(len(srcs)) if i != base_pos]
+        streams = [rng.tensor_stream(seed, out_name, j) for j in range(len(nb))]
+        jobs.append(Job(out_name, tuple(shape), od, [(idx[s.model], st) for s, st in zip(srcs, stored)],
+                        base_pos, shared, per_input, streams, is_vocab))
+
+    for n in pre:
+        add(n, [n] * len(slices[0].sources), slices[0], 0.0)
+    out_layer = 0
+    for sl in slices:
+        n_layers = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
+        for off in range(n_layers):
+            t = off / (n_layers - 1) if n_layers > 1 else 1.0
+            for tmpl in layer_templates:
+                add(tmpl.format(out_layer), [tmpl.format(s.layer_range[0] + off) for s in sl.sources], sl, t)
+            out_layer += 1
+    for n in post:
+        add(n, [n] * len(slices[-1].sources), slices[-1], 0.0)
+
+    out_config = dict(donor.config)
+    if cfg.slices is not None and "num_hidden_layers" in out_config:
+        out_config["num_hidden_layers"] = out_layer
+    if out_dtype_name:
+        out_config["torch_dtype" if "torch_dtype" in out_config else "dtype"] = out_dtype_name
+    plan = Plan(cfg, models, jobs, donor, out_config, compute_dtype=cfg.dtype)
+    if vocab is not None:
+        out_config["vocab_size"] = len(vocab["vocab"])
+        plan.tokenizer = vocab["tokenizer"]
+        plan.permutations = vocab["perms"]
+        plan.tokenizer_dir = vocab["dir"]
+    return plan
+
+
+def _promote(dtypes) -> np.dtype:
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        if d != out:
+            out = np.promote_types(out, d) if ml_dtypes.bfloat16 not in (d, out) else (
+                np.dtype(np.float32) if {np.dtype(d), np.dtype(out)} != {np.dtype(ml_dtypes.bfloat16)} else d)
+    return np.dtype(out)
+
+
+def _check_contract(spec, inputs: list[str], base: str | None, where: str) -> None:
+    has_base = base is not None and base in inputs
+    if base is not None and spec.base != "ignored" and not has_base:
+        raise ConfigError(f"{where}: base model {base!r} is not among the inputs")
+    if spec.base == "required" and not has_base:
+        raise ConfigError(f"merge method {spec.name!r} needs a base_model ({where})")
+    n = len(inputs)
+    nb = n - int(has_base and spec.base != "ignored")
+    if n < spec.min_inputs or (spec.max_inputs is not None and n > spec.max_inputs):
+        raise ConfigError(f"merge method {spec.name!r} takes {spec.min_inputs}"
+                          f"{'..' + str(spec.max_inputs) if spec.max_inputs else '+'} models, got {n} ({where})")
+    if (spec.min_non_base is not None and nb < spec.min_non_base) or (
+            spec.max_non_base is not None and nb > spec.max_non_base):
+        raise ConfigError(f"merge method {spec.name!r} needs {spec.min_non_base}"
+                          f"{'' if spec.max_non_base == spec.min_non_base else '+'} non-base models, got {nb} ({where})")
+
+
+# -- vocabularies (mergekit tokenizer_source semantics) -----------------------------------------------
+
+def _vocab_setup(cfg: MergeConfig, models, idx, donor) -> dict:
+    try:
+        import transformers
+    except ImportError as e:  # pragma: no cover
+        raise ConfigError("tokenizer_source needs transformers installed") from e
+
+    def load(m: Model):
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(m.path))
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"tokenizer_source: cannot load the tokenizer of {m.name!r}: {e}") from None
+
+    def vsize(m: Model, tok) -> int:
+        return int(m.config.get("vocab_size") or len(tok.get_vocab()))
+
+    base_m = models[idx[cfg.base_model]] if cfg.base_model else models[0]
+    toks = {i: load(m) for i, m in enumerate(models)}
+    out_tok, out_dir = None, None
+    ts = cfg.tokenizer_source
+    if ts == "base":
+        btok = toks[models.index(base_m)]
+        vocab = {t: i for t, i in btok.get_vocab().items() if i < vsize(base_m, btok)}
+        out_dir = base_m.path
+    elif ts == "union":
+        out_tok = load(base_m)
+        base_vocab = out_tok.get_vocab()
+        extra = []
+        seen = set(base_vocab)
+        for i, m in enumerate(models):
+            added = {a.content for a in toks[i].added_tokens_decoder.values()}
+            for t, k in sorted(toks[i].get_vocab().items(), key=lambda kv: kv[1]):
+                if k >= vsize(m, toks[i]) or t in seen:
+                    continue
+                seen.add(t)
+                extra.append((t, t in added))
+        for t, special in extra:
+            out_tok.add_tokens([t], special_tokens=special)
+        vocab = out_tok.get_vocab()
+    else:
+        if ts not in idx:
+            src = _open_model(ts, cfg.resolve_path(ts))
+            tk = load(src)
+        else:
+            src, tk = models[idx[ts]], toks[idx[ts]]
+        vocab = tk.get_vocab()
+        out_dir = src.path
+    perms = {}
+    for i, m in enumerate(models):
+        mv = toks[i].get_vocab()
+        vs = vsize(m, toks[i])
+        p = np.full(len(vocab), -1, np.int64)
+        for t, new in vocab.items():
+            o = mv.get(t)
+            if o is not None and o < vs and new < len(vocab):
+                p[new] = o
+        perms[i] = p
+    return {"vocab": vocab, "tokenizer": out_tok, "dir": out_dir, "perms": perms}
+
+
+def permute_vocab(job: Job, arrays: list[np.ndarray], perms: dict, base_pos: int | None) -> list[np.ndarray]:
+    """Align each input's rows to the output vocabulary (mergekit ``PermutedVocabulary``): a token
+    missing from some models takes the row of the only model that has it, else the base's row, else
+    the mean of the models that have it (zeros if none has it)."""
+    models = [m for m, _ in job.inputs]
+    P = np.stack([perms[m] for m in models])  # [n, V]
+    present = P >= 0
+    V = P.shape[1]
+    rows = [np.where(present[i][:, None], a[np.maximum(P[i], 0)].astype(np.float32), 0.0)
+            for i, a in enumerate(arrays)]
+    fill = np.zeros((V,) + arrays[0].shape[1:], np.float32)
+    count = present.sum(0)
+    missing_somewhere = count < len(models)
+    if missing_somewhere.any():
+        for tok in np.nonzero(missing_somewhere)[0]:
+            have = np.nonzero(present[:, tok])[0]
+            if len(have) == 0:
+                continue
+            if len(have) == 1:
+                fill[tok] = rows[have[0]][tok]
+            elif base_pos is not None and present[base_pos, tok]:
+                fill[tok] = rows[base_pos][tok]
+            else:
+                fill[tok] = np.mean([rows[h][tok] for h in have], axis=0)
+    out = []
+    for i in range(len(arrays)):
+        r = np.where(present[i][:, None], rows[i], fill)
+        out.append(r.astype(arrays[i].dtype))
+    return out
+
+
+# -- execution ---------------------------------------------------------------------------------------
+
+class _Progress:
+    def __init__(self, total_tensors: int, total_bytes: int, quiet: bool):
+        self.lock = threading.Lock()
+        self.t0 = time.perf_counter()
+        self.bytes = 0
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total_tensors, unit="tensor", desc="merge", file=sys.stderr,
+                            dynamic_ncols=True)
+
+    def update(self, nbytes: int):
+        with self.lock:
+            self.bytes += nbytes
+            if self.bar is not None:
+                dt = max(time.perf_counter() - self.t0, 1e-9)
+                self.bar.set_postfix_str(f"{self.bytes / dt / 1e9:.2f} GB/s")
+                self.bar.update(1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _device_setup(device: str):
+    import jax
+    if device == "cpu":
+        return jax.devices("cpu")
+    if device == "auto":
+        return jax.devices()
+    raise ConfigError(f"--device must be 'cpu' or 'auto', not {device!r}")
+
+
+class _Runner:
+    def __init__(self, plan: Plan, device: str, memory_budget: int):
+        self.plan = plan
+        self.devices = _device_setup(device)
+        self.budget = memory_budget
+        self.sharding = None
+        if len(self.devices) > 1:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+            mesh = Mesh(np.array(self.devices), ("x",))
+            self.sharding = NamedSharding(mesh, PartitionSpec("x"))
+
+    def put(self, a: np.ndarray):
+        import jax
+        if self.sharding is not None and a.shape and a.shape[0] % len(self.devices) == 0:
+            return jax.device_put(a, self.sharding)
+        return jax.device_put(a, self.devices[0])
+
+    def read(self, job: Job, lo: int | None = None, hi: int | None = None) -> list[np.ndarray]:
+        out = []
+        for m, n in job.inputs:
+            r = self.plan.models[m].reader
+            if lo is None:
+                out.append(r.get(n))
+            else:
+                info = r.info(n)
+                a = np.empty(hi - lo, info.dtype)
+                fd = r._fd(info.file)
+                buf = memoryview(a.view(np.uint8))
+                got, off = 0, info.start + lo * info.dtype.itemsize
+                while got < len(buf):
+                    k = os.preadv(fd, [buf[got:]], off + got)
+                    if k <= 0:
+                        raise CheckpointError(f"{info.file}: tensor {n!r}: unexpected end of file")
+                    got += k
+                out.append(a)
+        return out
+
+    def streamable(self, job: Job) -> bool:
+        s = self.plan.config.spec
+        return (s.family == "task_vector" and s.sparsify in (None, "random")) or s.family == "linear"
+
+    def run_job(self, job: Job, writer: ShardedWriter) -> int:
+        in_bytes = sum(self.plan.models[m].reader.info(n).nbytes for m, n in job.inputs)
+        cd = self.plan.compute_dtype
+        if job.vocab:
+            arrays = permute_vocab(job, self.read(job), self.plan.permutations, job.base_pos)
+            arrays = [a.reshape(-1) for a in arrays]
+        elif self.streamable(job) and in_bytes > self.budget:
+            arrays = None  # read chunk by chunk
+        else:
+            arrays = [a.reshape(-1) for a in self.read(job)]
+        if not self.streamable(job):
+            if cd:
+                arrays = [a.astype(_NP_DTYPES[cd]) for a in arrays]
+            arrays = [a.reshape(job.shape) for a in arrays]
+            res = merge_group(self.plan.config.spec, arrays, job.base_pos, job.shared, job.per_input, job.streams)
+            writer.write(job.name, np.asarray(res).astype(job.out_dtype))
+            return in_bytes
+        self._stream(job, arrays, writer)
+        return in_bytes
+
+    def _stream(self, job: Job, arrays, writer: ShardedWriter) -> None:
+        import jax.numpy as jnp
+        spec = self.plan.config.spec
+        n = job.numel
+        C = kernels.chunk_size(n)
+        cd = self.plan.compute_dtype
+        in_dtype = jnp.dtype(cd) if cd else None
+
+        def chunk(i):
+            lo, hi = i * C, min(n, (i + 1) * C)
+            parts = [a[lo:hi] for a in arrays] if arrays is not None else self.read(job, lo, hi)
+            return [self.put(kernels.pad_chunk(p, C)) for p in parts], lo, hi
+
+        nchunks = max(1, -(-n // C))
+        out = np.empty(n, job.out_dtype)
+        if spec.family == "linear":
+            w = jnp.asarray([p["weight"] for p in job.per_input], jnp.float32)
+            for i in range(nchunks):
+                xs, lo, hi = chunk(i)
+                r = kernels.linear_chunk(tuple(xs), w, normalize=bool(job.shared["normalize"]),
+                                         in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+                out[lo:hi] = np.asarray(r)[: hi - lo]
+            writer.write(job.name, out.reshape(job.shape))
+            return
+        bp = job.base_pos
+        nb = [i for i in range(len(job.inputs)) if i != bp]
+        dens = [float(job.per_input[i].get("density", 1.0)) for i in nb]
+        weights = [float(job.per_input[i]["weight"]) for i in nb]
+        random = spec.sparsify == "random"
+        full = tuple(d >= 1 for d in dens)
+        mode = rescale_mode(job.shared["rescale"])
+        thr = np.array([rng.threshold(d) for d in dens], np.uint32)
+        streams = np.array(job.streams, np.uint32)
+        scales = np.ones(len(nb), np.float32)
+        if random and mode == "inverse":
+            scales = np.array([1.0 / d if 0 < d < 1 else 1.0 for d in dens], np.float32)
+        elif random and mode == "l1" and not all(full):
+            before = np.zeros(len(nb))
+            after = np.zeros(len(nb))
+            for c in range(nchunks):
+                xs, lo, hi = chunk(c)
+                for k, i in enumerate(nb):
+                    if full[k]:
+                        continue
+                    before[k] += float(kernels.abs_delta_sum(xs[bp], xs[i], in_dtype=in_dtype))
+                    after[k] += float(kernels.kept_abs_delta_sum(xs[bp], xs[i], streams[k], thr[k], np.uint32(lo),
+                                                                 in_dtype=in_dtype))
+            for k in range(len(nb)):
+                if not full[k] and before[k] >= 1e-7 and after[k] >= 1e-7:
+                    scales[k] = before[k] / after[k]
+        for c in range(nchunks):
+            xs, lo, hi = chunk(c)
+            r = kernels.task_vector_chunk(
+                xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, np.asarray(weights, np.float32),
+                np.float32(job.shared["lambda"]), np.uint32(lo), random=random, full=full,
+                consensus=spec.consensus, normalize=bool(job.shared["normalize"]), in_dtype=in_dtype,
+                out_dtype=jnp.dtype(job.out_dtype))
+            out[lo:hi] = np.asarray(r)[: hi - lo]
+        writer.write(job.name, out.reshape(job.shape))
+
+
+def execute(plan: Plan, out_dir: str | os.PathLike, *, device: str = "cpu", out_shard_size="5GB",
+            workers: int | None = None, memory_budget: int | str = "256MB", overwrite: bool = False,
+            quiet: bool = False) -> dict:
+    """Run a plan, writing a Hugging Face model directory atomically. Returns timing stats."""
+    runner = _Runner(plan, device, parse_size(memory_budget))
+    workers = workers or min(3, (os.cpu_count() or 2) + 1)
+    t0 = time.perf_counter()
+    specs = [TensorSpec(j.name, j.shape, j.out_dtype) for j in plan.jobs]
+    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        progress = _Progress(len(plan.jobs), plan.total_in_bytes, quiet)
+        try:
+            with ShardedWriter(tmp, specs, out_shard_size) as writer:
+                with cf.ThreadPoolExecutor(workers) as pool:
+                    futs = [pool.submit(runner.run_job, j, writer) for j in plan.jobs]
+                    try:
+                        for f in cf.as_completed(futs):
+                            progress.update(f.result())
+                    except BaseException:
+                        for f in futs:
+                            f.cancel()
+                        raise
+        finally:
+            progress.close()
+        _write_metadata(plan, tmp)
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tensors": len(plan.jobs), "in_bytes": plan.total_in_bytes,
+            "out_bytes": plan.total_out_bytes}
+
+
+def _write_metadata(plan: Plan, out: Path) -> None:
+    (out / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
+    gen = plan.donor.path / "generation_config.json"
+    if gen.is_file():
+        shutil.copy(gen, out / "generation_config.json")
+    if plan.tokenizer is not None:
+        plan.tokenizer.save_pretrained(str(out))
+    else:
+        src = plan.tokenizer_dir or plan.donor.path
+        for f in _TOKENIZER_FILES:
+            if (src / f).is_file():
+                shutil.copy(src / f, out / f)
+    cfg_raw = plan.config.raw
+    if cfg_raw:
+        import yaml
+        (out / "fusion_jax_merge.yml").write_text(yaml.safe_dump(cfg_raw, sort_keys=False))
+
+
+def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size="5GB",
+          overwrite: bool = False, quiet: bool = False, workers: int | None = None,
+          memory_budget="256MB") -> dict:
+    """Python API: merge per a mergekit YAML path (or dict or MergeConfig) into ``out_dir``."""
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FusionError(f"output path {out} already exists")
+    plan = plan_merge(cfg, seed=seed)
+    try:
+        return execute(plan, out, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
+                       quiet=quiet, workers=workers, memory_budget=memory_budget)
+    finally:
+        for m in plan.models:
+            m.reader.close()
