@@ -71,7 +71,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation, split: Pa
             loss = lsum / wsafe
             aux = {k: (v if k == "num_tokens" else v / wsafe) for k, v in asum.items()}
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = dict(aux)

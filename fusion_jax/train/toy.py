@@ -64,3 +64,83 @@ def toy_batches(num_batches: int, batch: int, seq: int, vocab: int = 32, seed: i
         mask[:, : seq // 4] = 0  # a "prompt" that is not trained on
         out.append({"input_ids": ids, "loss_mask": mask})
     return out
+
+
+def toy_grain_iterator(num_examples: int, global_batch: int, seq: int, vocab: int = 32, seed: int = 0,
+                       process_index: int = 0, process_count: int = 1):
+    """A grain DatasetIterator (get_state/set_state) of process-local batches of toy sequences."""
+    import grain
+
+    rows = toy_batches(1, num_examples, seq, vocab, seed)[0]
+    examples = [{k: v[i] for k, v in rows.items()} for i in range(num_examples)]
+    per = global_batch // process_count
+    lo = process_index * per
+
+    def local(b):
+        return {k: v[lo:lo + per] for k, v in b.items()}
+
+    ds = (grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
+          .batch(global_batch, drop_remainder=True).map(local))
+    return iter(ds.to_iter_dataset())
+
+
+def main(argv=None) -> int:
+    """Train the toy LM (used by the trainer's subprocess tests: resume, multi-process, multi-device)."""
+    import argparse
+    import json
+    import os
+    import time
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--save-every", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=16)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--sleep", type=float, default=0.0)
+    ap.add_argument("--mesh", default="")            # e.g. fsdp=2,tensor=4
+    ap.add_argument("--coordinator", default=None)
+    ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--sync", action="store_true", help="synchronous checkpointing")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+
+    from fusion_jax.train import distributed
+    if a.coordinator:
+        distributed.initialize({"coordinator_address": a.coordinator, "num_processes": a.num_processes,
+                                "process_id": a.process_id})
+    import jax.experimental.multihost_utils  # noqa: F401
+
+    from fusion_jax import sharding as shd
+    from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
+    from fusion_jax.train.losses import nnx_causal_lm_loss
+
+    mesh_cfg = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(",") if kv)} or None
+    mesh = shd.make_mesh(mesh_cfg)
+    model = ToyLM(vocab=32, dim=16, hidden=24, layers=2, rngs=nnx.Rngs(0))
+    g, p = nnx.split(model, nnx.Param)
+    cbs = [lambda step, m, tr: time.sleep(a.sleep)] if a.sleep else []
+    tr = Trainer(nnx_causal_lm_loss(g), nnx.to_pure_dict(p),
+                 OptimizerConfig(learning_rate=1e-2, warmup_steps=2, weight_decay=0.01),
+                 TrainerConfig(total_steps=a.steps, workdir=a.workdir, save_every=a.save_every,
+                               grad_accum_steps=a.grad_accum, log_every=1, progress=False,
+                               async_checkpointing=not a.sync),
+                 mesh=mesh, param_logical_axes=shd.state_logical_axes(p), callbacks=cbs)
+    data = toy_grain_iterator(64, a.batch, a.seq, seed=1, process_index=jax.process_index(),
+                              process_count=jax.process_count())
+    r = tr.run(data)
+    flat = {k: np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(v, tiled=True)))
+            for k, v in tr.split.flat(r.params).items()}
+    if a.out and jax.process_index() == 0:
+        np.savez(a.out, **{k.replace("/", "."): v for k, v in flat.items()})
+    print("RESULT" + json.dumps({"resumed_from": r.resumed_from, "step": r.step,
+                                 "losses": [h["loss"] for h in r.history]}), flush=True)
+    os.sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
