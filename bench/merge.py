@@ -1,0 +1,132 @@
+"""Benchmark: dare_ties of three fine-tunes onto a base (random bf16 safetensors), fusion-jax vs
+mergekit 0.1.5 on the same machine in one run, plus the I/O floor (read every input byte, write the
+output, no math). Peak RSS of each run is measured in a child process.
+
+    python bench/merge.py --params 0.5e9            # ~0.5B parameters per model
+    python bench/merge.py --params 0.1e9 --no-mergekit
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_models(root: Path, params: float, seed: int = 0):
+    import ml_dtypes
+
+    from fusion_jax.hf.safetensors_io import ShardedWriter, TensorSpec
+    from fusion_jax.merging.testing import llama_config, llama_shapes
+    per_layer = 4 * 1024 * 1024 - 2 * 512 * 1024 + 3 * 1024 * 4096
+    layers = max(1, round((params - 2 * 32000 * 1024) / per_layer))
+    cfg = llama_config(vocab=32000, hidden=1024, inter=4096, layers=layers, heads=16, kv_heads=8,
+                       dtype="bfloat16")
+    shapes = llama_shapes(cfg)
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i, name in enumerate(["base", "ft0", "ft1", "ft2"]):
+        p = root / name
+        p.mkdir(parents=True)
+        (p / "config.json").write_text(json.dumps(cfg))
+        specs = [TensorSpec(k, s, ml_dtypes.bfloat16) for k, s in shapes.items()]
+        with ShardedWriter(p, specs, "2GB") as w:
+            for k, s in shapes.items():
+                r = np.random.default_rng([seed, i, abs(hash(k)) % 2**31])
+                base = np.random.default_rng([seed, abs(hash(k)) % 2**31]).standard_normal(s, np.float32) * 0.02
+                if i:
+                    base += r.standard_normal(s, np.float32) * 0.001
+                w.write(k, base.astype(ml_dtypes.bfloat16))
+        paths.append(p)
+    return paths, n, layers
+
+
+def io_floor(paths, out: Path):
+    """Read every tensor of every input once and write one output of the same layout: no math."""
+    from fusion_jax.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorSpec
+    readers = [SafetensorsReader(p) for p in paths]
+    specs = [TensorSpec(n, i.shape, i.dtype) for n, i in readers[0].tensors.items()]
+    import concurrent.futures as cf
+    with ShardedWriter(out, specs, "5GB") as w:
+        def one(name):
+            arrs = [r.get(name) for r in readers]
+            w.write(name, arrs[0])
+        with cf.ThreadPoolExecutor(3) as pool:
+            list(pool.map(one, [s.name for s in specs]))
+
+
+def child(cmd: list[str]) -> tuple[float, float]:
+    """Run cmd; return (wall seconds, peak RSS GB of the child)."""
+    t = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:  # child: exec and report rusage through wait4
+        os.execvp(cmd[0], cmd)
+    _, status, ru = os.wait4(pid, 0)
+    dt = time.perf_counter() - t
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{cmd[:3]} failed with {status}")
+    return dt, ru.ru_maxrss / 1e6  # KiB -> GB (approx)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--params", type=float, default=0.5e9, help="parameters per model")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--no-mergekit", action="store_true")
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="fj-merge-bench-"))
+    results = {}
+    try:
+        t = time.perf_counter()
+        paths, n, layers = make_models(root, args.params)
+        print(f"models: 4 x {n / 1e6:.0f}M params bf16 ({layers} layers), written in {time.perf_counter() - t:.1f} s",
+              flush=True)
+        cfg = {"merge_method": "dare_ties", "base_model": str(paths[0]), "dtype": "bfloat16",
+               "models": [{"model": str(p), "parameters": {"weight": w, "density": d}}
+                          for p, w, d in zip(paths[1:], (0.5, 0.3, 0.2), (0.3, 0.5, 0.7))]}
+        import yaml
+        (root / "cfg.yml").write_text(yaml.safe_dump(cfg))
+        # warm the page cache, then the I/O floor
+        io_floor(paths, root / "warm")
+        shutil.rmtree(root / "warm")
+        py = sys.executable
+        floor = [py, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); import merge as m; "
+                           f"m.io_floor({[str(p) for p in paths]!r}, __import__('pathlib').Path({str(root / 'floor')!r}))"]
+        results["io_floor"] = child(floor)
+        shutil.rmtree(root / "floor")
+        results["fusion_jax"] = child([py, "-m", "fusion_jax.cli", "merge", str(root / "cfg.yml"),
+                                       str(root / "fj"), "--quiet"])
+        shutil.rmtree(root / "fj")
+        if not args.no_mergekit:
+            results["mergekit"] = child(["mergekit-yaml", str(root / "cfg.yml"), str(root / "mk"),
+                                         "--no-copy-tokenizer", "--quiet"])
+            shutil.rmtree(root / "mk")
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    gb = 5 * n * 2 / 1e9
+    print(f"\n| run | wall s | peak RSS GB | GB/s (4 in + 1 out) |")
+    print("|---|---|---|---|")
+    for k, (s, rss) in results.items():
+        print(f"| {k} | {s:.1f} | {rss:.2f} | {gb / s:.2f} |")
+    fj = results["fusion_jax"][0]
+    print(f"\nfusion-jax / I/O floor = {fj / results['io_floor'][0]:.2f}x")
+    if "mergekit" in results:
+        print(f"mergekit / fusion-jax = {results['mergekit'][0] / fj:.2f}x")
+    print(json.dumps({"params": n, **{k: {"s": v[0], "rss_gb": v[1]} for k, v in results.items()}}))
+
+
+if __name__ == "__main__":
+    main()
