@@ -106,8 +106,14 @@ def main():
                            f"m.io_floor({[str(p) for p in paths]!r}, __import__('pathlib').Path({str(root / 'floor')!r}))"]
         results["io_floor"] = child(floor)
         shutil.rmtree(root / "floor")
-        results["fusion_jax"] = child([py, "-m", "fusion_jax.cli", "merge", str(root / "cfg.yml"),
-                                       str(root / "fj"), "--quiet"])
+        fj = [py, "-m", "fusion_jax.cli", "merge", str(root / "cfg.yml"), str(root / "fj"), "--quiet"]
+        os.environ["FUSION_JAX_COMPILE_CACHE"] = "0"  # cold: every kernel compiled in the run
+        results["fusion_jax_cold"] = child(fj)
+        shutil.rmtree(root / "fj")
+        os.environ["FUSION_JAX_COMPILE_CACHE"] = str(root / "xla-cache")  # warm: compiled kernels cached
+        child(fj)
+        shutil.rmtree(root / "fj")
+        results["fusion_jax"] = child(fj)
         shutil.rmtree(root / "fj")
         if not args.no_mergekit:
             results["mergekit"] = child(["mergekit-yaml", str(root / "cfg.yml"), str(root / "mk"),
@@ -121,10 +127,12 @@ def main():
     print("|---|---|---|---|")
     for k, (s, rss) in results.items():
         print(f"| {k} | {s:.1f} | {rss:.2f} | {gb / s:.2f} |")
-    fj = results["fusion_jax"][0]
-    print(f"\nfusion-jax / I/O floor = {fj / results['io_floor'][0]:.2f}x")
-    if "mergekit" in results:
-        print(f"mergekit / fusion-jax = {results['mergekit'][0] / fj:.2f}x")
+    for key in ("fusion_jax", "fusion_jax_cold"):
+        fj = results[key][0]
+        print(f"\n{key}: / I/O floor = {fj / results['io_floor'][0]:.2f}x", end="")
+        if "mergekit" in results:
+            print(f"; mergekit / {key} = {results['mergekit'][0] / fj:.2f}x", end="")
+    print()
     print(json.dumps({"params": n, **{k: {"s": v[0], "rss_gb": v[1]} for k, v in results.items()}}))
 
 
