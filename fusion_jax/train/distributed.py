@@ -78,9 +78,17 @@ def global_batch(local_batch: Any, shardings: Any) -> Any:
                         local_batch, shardings)
 
 
-def process_batch_slice(global_batch_size: int) -> slice:
-    """The rows of the global batch that this process loads (contiguous, in process order)."""
-    n, p = jax.process_count(), jax.process_index()
+def process_batch_slice(global_batch_size: int, process_index: int | None = None,
+                        process_count: int | None = None) -> slice:
+    """The rows of the global batch that this process loads (contiguous, in process order).
+
+    ``process_index`` / ``process_count`` default to JAX's (pass them to compute another process's share,
+    e.g. in tests or a data service). Raises :class:`ConfigError` when the batch does not divide.
+    """
+    n = jax.process_count() if process_count is None else int(process_count)
+    p = jax.process_index() if process_index is None else int(process_index)
+    if n < 1 or not 0 <= p < n:
+        raise ConfigError(f"process_index={p} is not in [0, process_count={n})")
     if global_batch_size % n:
         raise ConfigError(f"batch_size: {global_batch_size} is not divisible by the {n} processes")
     per = global_batch_size // n
