@@ -80,3 +80,22 @@ def make_tiny_tokenizer(path, vocab_size: int = 160) -> Path:
                                    pad_token="</s>")
     fast.save_pretrained(path)
     return Path(path)
+
+
+_CACHE: dict = {}
+
+
+def cached_tiny_hf_model(tmp_path_factory, arch: str = "llama", seed: int = 0, **kw) -> Path:
+    """``make_tiny_hf_model`` once per session for each (arch, seed, kw) (pass pytest's tmp_path_factory)."""
+    key = (arch, seed, repr(sorted(kw.items())))
+    if key not in _CACHE:
+        _CACHE[key] = make_tiny_hf_model(tmp_path_factory.mktemp(f"hf-{arch}") / "model", arch, seed, **kw)
+    return _CACHE[key]
+
+
+def torch_reference(path):
+    """transformers model (float32, eager attention, eval mode) for ``path``."""
+    import torch
+    import transformers
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()

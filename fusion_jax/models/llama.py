@@ -2,7 +2,7 @@
 
 Parameters of all decoder layers are STACKED along a leading ``layers`` axis (one layout whether or not
 ``config.scan_layers`` runs the stack under ``jax.lax.scan``); see ``MODEL_API.md`` for the tree. Each
-``nnx.Param`` carries its logical axis names as ``out_sharding`` metadata (``sharding_names=`` at
+``nnx.Param`` carries its logical axis names as ``out_sharding`` metadata (``out_sharding=`` at
 construction, ``eager_sharding=False``), so ``nnx.get_partition_spec(nnx.state(model, nnx.Param))`` gives
 logical ``PartitionSpec``s for a rules table to map onto a mesh.
 
@@ -60,7 +60,7 @@ class ModelOutput:
 
 # -- params ----------------------------------------------------------------------------------------
 def _param(value, axes: tuple[str, ...]) -> nnx.Param:
-    return nnx.Param(value, sharding_names=axes, eager_sharding=False)
+    return nnx.Param(value, out_sharding=axes, eager_sharding=False)
 
 
 class _Node(nnx.Module):
