@@ -100,11 +100,31 @@ class FusedModel:
                          jnp.asarray(attention_mask), int(max_new_tokens),
                          -1 if eos_token_id is None else int(eos_token_id), int(pad_token_id))
 
+    # -- training through fusion_jax.train.Trainer ------------------------------------------------------
+    def train_params(self) -> dict:
+        """The params pytree the trainer holds: ``{"specialists": stacked params, "gate": gate}``.
+        Stage 1 trains ``^gate/`` only (specialists frozen: no gradients, no optimizer state)."""
+        return {SPECIALISTS: self.params, GATE: self.gate}
+
+    def set_train_params(self, tree: dict) -> "FusedModel":
+        self.params, self.gate = tree[SPECIALISTS], tree[GATE]
+        return self
+
+    def train_logical_axes(self) -> dict:
+        """Logical axes matching :meth:`train_params` (the gate is small: replicated)."""
+        return {SPECIALISTS: self.logical_axes(),
+                GATE: jax.tree.map(lambda x: (None,) * np.ndim(x), self.gate)}
+
+    def trainer_loss_fn(self, chunk: int = 128):
+        """``loss_fn(params, batch, rng)`` for :class:`fusion_jax.train.Trainer` (see :func:`trainer_loss`)."""
+        return partial(trainer_loss, self.hidden_fn, self.head_fn, self.names, int(chunk))
+
     # -- sharding -------------------------------------------------------------------------------------
     def logical_axes(self):
         """Pure-dict tree of logical axes for the stacked params: ("expert",) + each param's axes."""
         from fusion_jax import sharding
-        one = nnx.merge(self.graphdef, self.specialist_params(0))
+        from fusion_jax.models import CausalLM
+        one = nnx.eval_shape(lambda: CausalLM(self.config, rngs=nnx.Rngs(0)))  # no weights needed
         axes = sharding.state_logical_axes(nnx.state(one, nnx.Param))
         return jax.tree.map(lambda ax: ("expert",) + tuple(ax), axes, is_leaf=lambda x: isinstance(x, tuple))
 
@@ -119,6 +139,41 @@ class FusedModel:
         self.params = jax.device_put(self.params, p_sh)
         self.gate = jax.device_put(self.gate, g_sh)
         return self
+
+
+SPECIALISTS, GATE = "specialists", "gate"
+
+
+def to_fused_batch(batch: dict) -> dict:
+    """Trainer layout -> :func:`fusion.fused_loss` layout.
+
+    In: ``input_ids``/``attention_mask`` [B, K, S] (example first, as the trainer and the sampler want),
+    ``loss_mask`` [B, S] with 1 where ``input_ids[:, k, t]`` is a response token (the
+    :mod:`fusion_jax.data.templates` convention). Out: ids/mask [K, B, S]; ``labels[t]`` = the token
+    position t predicts (``input_ids[:, 0, t + 1]``: response tokens are the same in all K rows) and
+    ``loss_mask[t]`` shifted to match.
+    """
+    ids = jnp.asarray(batch["input_ids"])
+    first = ids[:, 0]
+    return {
+        "input_ids": jnp.swapaxes(ids, 0, 1),
+        "attention_mask": jnp.swapaxes(jnp.asarray(batch["attention_mask"]), 0, 1),
+        "labels": jnp.pad(first[:, 1:], ((0, 0), (0, 1))),
+        "loss_mask": jnp.pad(jnp.asarray(batch["loss_mask"], jnp.float32)[:, 1:], ((0, 0), (0, 1))),
+    }
+
+
+def trainer_loss(hidden_fn, head_fn, names, chunk, params, batch, rng):
+    """Mean response-token CE of the fused model; aux: ``num_tokens`` and the mean gate weight of each
+    specialist over response tokens (``gate_weight/<name>``)."""
+    del rng
+    loss, aux = fusion.fused_loss(hidden_fn, head_fn, params[SPECIALISTS], params[GATE],
+                                  to_fused_batch(batch), chunk)
+    n = jnp.maximum(aux["tokens"], 1.0)
+    out = {"num_tokens": aux["tokens"]}
+    for k, name in enumerate(names):
+        out[f"gate_weight/{name}"] = aux["gate_weight_sum"][k] / n
+    return loss, out
 
 
 def batch_shardings(batch: dict, mesh: Mesh, rules=None) -> dict:

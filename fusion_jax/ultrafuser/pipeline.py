@@ -1,0 +1,292 @@
+"""``run(config)``: the UltraFuser job end to end (``python train.py --config=configs/ultrafuser.py``).
+
+1. Validate everything that can be checked without training: the config (unknown preset or option),
+   specialist files, architectures and vocabularies, templates, every domain's data. Errors are
+   ConfigError / CheckpointError / DataError naming the option or file, raised before any step.
+2. Specialists: the HF directories in ``specialists.paths``, or the demo zoo (built once, cached).
+3. Every example rendered in every specialist's template (aligned responses); class-balanced batches
+   (``DomainBalancedSampler``: ``batch_per_domain`` examples of each domain per step).
+4. Stage 1 (gate only: the specialists are frozen, with no gradients or optimizer state) and stage 2
+   (all weights), each a :class:`fusion_jax.train.Trainer` run with its own steps/batch/lr: Orbax
+   checkpoints every ``trainer.save_every`` steps under ``<run>/work/``, automatic resume (rerun the
+   same command after a crash), metrics JSONL + TensorBoard, progress bars, per-process data shards.
+5. Evaluate base / specialists / fused per domain and on the mixed set; mean gate weights by domain.
+6. Write ``<output_dir>/<name>/``: ``fused/`` (HF specialists + gate), ``report.json``, ``report.md``,
+   ``gate_weights.png``, ``loss_curves.png``, ``run.json``.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from fusion_jax.errors import ConfigError, DataError
+from fusion_jax.ultrafuser import config as ucfg
+from fusion_jax.ultrafuser import data as udata
+from fusion_jax.ultrafuser import evaluate as uev
+from fusion_jax.ultrafuser import report as ureport
+from fusion_jax.ultrafuser.zoo import barrier, is_main
+
+BASE_TEMPLATE = "{prompt}\n"   # the demo base was pre-trained on "prompt\nresponse" documents
+
+
+def _log(msg: str) -> None:
+    if is_main():
+        print(msg, flush=True)
+
+
+def _init_distributed(c) -> None:
+    from fusion_jax.train import distributed
+    d = c.distributed
+    if str(d.coordinator_address):
+        distributed.initialize({"coordinator_address": str(d.coordinator_address),
+                                "num_processes": int(d.num_processes), "process_id": int(d.process_id)})
+    else:
+        distributed.initialize(None)   # FUSION_* environment variables, if set
+
+
+def _quiet_orbax() -> None:
+    """Orbax logs every save/restore step at INFO through absl; the progress bars and the metrics files
+    say what a user needs."""
+    from absl import logging as absl_logging
+    if absl_logging.get_verbosity() > absl_logging.WARNING:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+# -- inputs --------------------------------------------------------------------------------------------
+def _file_examples(c, domains) -> tuple[dict, dict]:
+    """Train/eval examples per domain from data.train_files/eval_files (checked before any training)."""
+    from fusion_jax.data.loading import load_examples
+    out = {"train": {}, "eval": {}}
+    for split in ("train", "eval"):
+        for d in domains:
+            src = str(c.data[f"{split}_files"].get(d, ""))
+            if not src:
+                raise DataError(f"data.{split}_files.{d}: domain {d!r} has no {split} data (give a file for "
+                                "every domain)")
+            cap = int(c.data.max_train_examples if split == "train" else c.data.max_eval_examples)
+            out[split][d] = load_examples(src, split=split, domain=d, prompt_column=str(c.data.prompt_column),
+                                          response_column=str(c.data.response_column), limit=cap or None)
+    return out["train"], out["eval"]
+
+
+def _demo_examples(zoo: Path, c, domains) -> tuple[dict, dict]:
+    corpus = json.loads((zoo / "corpus.json").read_text())
+    cap_t, cap_e = int(c.data.max_train_examples), int(c.data.max_eval_examples)
+    train = {d: corpus[d]["train"][:cap_t or None] for d in domains}
+    ev = {d: corpus[d]["eval"][:cap_e or None] for d in domains}
+    return train, ev
+
+
+def _check_fingerprint(work: Path, c) -> None:
+    """A run directory resumes only the run that made it (same training-relevant config)."""
+    fp = ucfg.training_fingerprint(c)
+    f = work / "fingerprint.json"
+    if f.is_file():
+        old = json.loads(f.read_text()).get("fingerprint")
+        if old != fp:
+            raise ConfigError(f"{work} holds checkpoints of a run with a different configuration "
+                              f"(fingerprint {old}, now {fp}); delete it or choose another --config.name")
+    elif is_main():
+        work.mkdir(parents=True, exist_ok=True)
+        from fusion_jax.utils.atomic import atomic_file
+        with atomic_file(f) as fh:
+            json.dump({"fingerprint": fp}, fh)
+    barrier("ultrafuser-fingerprint")
+
+
+# -- training ------------------------------------------------------------------------------------------
+def run_stage(stage: int, fm, train_sets: dict, c, mesh, work: Path):
+    """Stage 1: gate only; stage 2: all weights. Updates ``fm`` in place; returns the loss curve."""
+    from fusion_jax.data.sampler import DomainBalancedSampler
+    from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
+    from fusion_jax.train.metrics import read_jsonl
+
+    sc = c[f"stage{stage}"]
+    steps = int(sc.steps)
+    if steps == 0:
+        return []
+    _log(f"stage {stage} ({'gate only' if stage == 1 else 'all weights'}): {steps} steps x "
+         f"{int(sc.batch_per_domain)} examples per domain, lr {float(sc.learning_rate):g}")
+    sampler = DomainBalancedSampler(train_sets, int(sc.batch_per_domain), seed=int(c.seed) + stage,
+                                    process_index=jax.process_index(), process_count=jax.process_count())
+    opt = OptimizerConfig(learning_rate=float(sc.learning_rate), schedule=str(sc.schedule),
+                          warmup_steps=int(sc.warmup_steps), end_lr_ratio=float(sc.end_lr_ratio),
+                          weight_decay=float(sc.weight_decay), grad_clip=float(sc.grad_clip))
+    t = c.trainer
+    wd = work / f"stage{stage}"
+    tc = TrainerConfig(total_steps=steps, workdir=str(wd), seed=int(c.seed) + stage,
+                       save_every=int(t.save_every), keep_checkpoints=int(t.keep_checkpoints),
+                       log_every=max(1, min(int(t.log_every), steps)), progress=bool(t.progress),
+                       async_checkpointing=bool(t.async_checkpointing),
+                       # stage 1: the frozen specialists are re-read from their files on resume
+                       save_frozen=stage != 1)
+    trainer = Trainer(fm.trainer_loss_fn(int(c.loss_chunk)), fm.train_params(), opt, tc,
+                      trainable=r"^gate/" if stage == 1 else None, mesh=mesh,
+                      param_logical_axes=fm.train_logical_axes(), meta={"stage": stage})
+    try:
+        result = trainer.run(sampler)
+    finally:
+        trainer.close()
+    fm.set_train_params(result.params)
+    f = wd / "logs" / "metrics.jsonl"
+    return read_jsonl(f) if f.is_file() else []
+
+
+# -- the job -------------------------------------------------------------------------------------------
+def run(config) -> dict:
+    t_start = time.perf_counter()
+    c = ucfg.validate(config)
+    _quiet_orbax()
+    _init_distributed(c)
+    from fusion_jax import sharding
+    from fusion_jax.data.templates import PromptTemplate, render_dataset
+    from fusion_jax.data.tokenizer import load_tokenizer
+    from fusion_jax.ultrafuser.export import check_specialist_dirs, load_specialists, save_fused
+
+    names, domains = list(c.specialists.names), list(c.data.domains)
+    out_dir = Path(str(c.output_dir)).expanduser() / str(c.name)
+    work = out_dir / "work"
+    mesh = sharding.make_mesh(c.mesh.to_dict())
+    timings: dict[str, float] = {}
+
+    # -- 1. everything checkable before training ----------------------------------------------------------
+    paths = [str(Path(str(p)).expanduser()) for p in c.specialists.paths]
+    if paths:
+        check_specialist_dirs(paths, names)
+        train_ex, eval_ex = _file_examples(c, domains)
+        tok_path = str(c.specialists.tokenizer) or paths[0]
+        tok = load_tokenizer(tok_path)
+    elif any(str(c.data.train_files.get(d, "")) for d in domains):
+        raise ConfigError("data.train_files is set but specialists.paths is not: the demo zoo is trained on "
+                          "the demo corpus; give specialists.paths to fuse your own specialists")
+    elif sorted(names) != sorted(domains) or set(domains) - {"text", "code", "math"}:
+        raise ConfigError("the demo zoo has specialists text, code, math for domains text, code, math; "
+                          "give specialists.paths (and data files) to fuse other models")
+    _check_fingerprint(work, c)
+
+    # -- 2. the demo zoo (built once, cached by config hash) -----------------------------------------------
+    base_path = None
+    if not paths:
+        from fusion_jax.ultrafuser.zoo import build_zoo
+        t = time.perf_counter()
+        zoo = build_zoo(c, mesh, log=_log)
+        timings["zoo_s"] = time.perf_counter() - t
+        paths = [str(zoo / n) for n in names]
+        base_path = zoo / "base"
+        tok_path = str(zoo / "tokenizer")
+        tok = load_tokenizer(tok_path)
+        train_ex, eval_ex = _demo_examples(zoo, c, domains)
+
+    # -- 3. render: every example in every specialist's template ---------------------------------------------
+    t = time.perf_counter()
+    S, Pmax = int(c.data.seq_len), int(c.data.max_prompt_len)
+    templates = udata.templates_from_config(names, c.specialists.templates)
+    eval_ex = dict(eval_ex)
+    eval_ex["mixed"] = udata.mixed_examples(eval_ex, tok, int(c.data.mixed_eval_examples), S - Pmax,
+                                            int(c.data.seed) + 1)
+    train_sets = udata.render_sets(tok, train_ex, templates, S, Pmax)
+    eval_sets = udata.render_sets(tok, eval_ex, templates, S, Pmax)
+    timings["render_s"] = time.perf_counter() - t
+    eval_domains = domains + ["mixed"]
+
+    # -- 4. load and stack the specialists on the mesh; train both stages ------------------------------------
+    t = time.perf_counter()
+    load_kw = {"dtype": str(c.specialists.dtype)}
+    if str(c.specialists.param_dtype):
+        load_kw["param_dtype"] = str(c.specialists.param_dtype)
+    fm = load_specialists(paths, names, mesh=mesh, gate_hidden=int(c.gate_hidden),
+                          key=jax.random.key(int(c.seed)), **load_kw)
+    timings["load_s"] = time.perf_counter() - t
+    bs = int(c.eval.batch_size)
+
+    # specialists (and base) before fusion: each in its own template
+    t = time.perf_counter()
+    eval_loss: dict[str, dict[str, float]] = {}
+    lm_ev = uev.make_lm_eval(fm.graphdef)
+    for k, n in enumerate(names):
+        pk = fm.specialist_params(k)
+        eval_loss[n] = {d: uev.lm_loss(lm_ev, pk, udata.select(eval_sets[d], k), bs, mesh) for d in eval_domains}
+    if base_path is not None:
+        from fusion_jax import hf
+        _, base_params = hf.load(base_path, **load_kw)
+        base_t = PromptTemplate("base", prompt=BASE_TEMPLATE)
+        eval_loss["base"] = {}
+        for d in eval_domains:
+            r = render_dataset(tok, [dict(e, domain=d) for e in eval_ex[d]], base_t, S, domains=(d,),
+                               max_prompt_len=Pmax)
+            eval_loss["base"][d] = uev.lm_loss(lm_ev, base_params, {k: r[k] for k in udata.BATCH_KEYS}, bs, mesh)
+        del base_params
+    timings["eval_specialists_s"] = time.perf_counter() - t
+    _log("eval before fusion: " + "; ".join(f"{m}: " + ", ".join(f"{d} {v:.3f}" for d, v in ev.items())
+                                            for m, ev in eval_loss.items()))
+
+    curves = {}
+    for stage in (1, 2):
+        t = time.perf_counter()
+        curves[f"stage{stage}"] = run_stage(stage, fm, train_sets, c, mesh, work)
+        timings[f"stage{stage}_s"] = time.perf_counter() - t
+
+    # -- 5. the fused model ------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    f_ev = uev.make_fused_eval(fm, int(c.loss_chunk))
+    eval_loss["fused"], gate_w = {}, {}
+    for d in eval_domains:
+        eval_loss["fused"][d], gate_w[d] = uev.fused_loss_and_weights(f_ev, fm.train_params(), eval_sets[d], bs,
+                                                                       mesh, names)
+    timings["eval_fused_s"] = time.perf_counter() - t
+    _log("fused: " + ", ".join(f"{d} {v:.3f}" for d, v in eval_loss["fused"].items()))
+
+    samples = []
+    if int(c.eval.generate_examples) > 0 and jax.process_count() == 1:
+        t = time.perf_counter()
+        samples = _samples(fm, tok, eval_ex, domains, templates, c)
+        timings["generate_s"] = time.perf_counter() - t
+
+    # -- 6. outputs ------------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    formats = {n: str(c.specialists.templates[n]) for n in names}
+    save_fused(fm, out_dir / "fused", templates=formats, tokenizer_dir=tok_path,
+               extra={"seq_len": S, "max_prompt_len": Pmax, "sources": dict(zip(names, paths))})
+    timings["export_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - t_start
+    models = (["base"] if "base" in eval_loss else []) + ["fused"] + names
+    report = {"eval_loss": {m: eval_loss[m] for m in models}, "gate_weights": gate_w}
+    checks = ureport.checks(report, names, domains)
+    if is_main():
+        zoo_curves = {}
+        if base_path is not None:
+            zoo_curves = json.loads((Path(base_path).parent / "zoo.json").read_text()).get("curves", {})
+        ureport.write_all(out_dir, report, checks, timings, samples, curves, zoo_curves, c, names,
+                          {"specialist_paths": dict(zip(names, paths)), "mesh": dict(mesh.shape),
+                           "devices": [str(dv) for dv in jax.devices()], "process_count": jax.process_count()})
+    barrier("ultrafuser-report")
+    _log(f"UltraFuser: wrote {out_dir} in {timings['total_s']:.0f}s; checks: "
+         + ", ".join(f"{k}={'PASS' if v['pass'] else 'FAIL'}" for k, v in checks.items()))
+    return {"report": report, "checks": checks, "timings": timings, "out_dir": str(out_dir), "model": fm}
+
+
+def _samples(fm, tok, eval_ex, domains, templates, c) -> list[dict]:
+    """A few greedy generations of the fused model (each prompt in every specialist's template)."""
+    from fusion_jax.data.templates import render_multi
+    rows, metas = [], []
+    for d in domains:
+        for e in eval_ex[d][: int(c.eval.generate_examples)]:
+            r = render_multi(tok, {"prompt": e["prompt"], "response": ""}, templates, int(c.data.seq_len),
+                             max_prompt_len=int(c.data.max_prompt_len))
+            r0 = int(r["response_start"])
+            rows.append((r["input_ids"][:, :r0], r["attention_mask"][:, :r0]))
+            metas.append((d, e["prompt"]))
+    P = max(ids.shape[1] for ids, _ in rows)
+    K = len(templates)
+    ids = np.full((len(rows), K, P), tok.pad_token_id, np.int32)
+    mask = np.zeros((len(rows), K, P), np.int32)
+    for i, (a, m) in enumerate(rows):   # left-pad to one prompt length
+        ids[i, :, P - a.shape[1]:] = a
+        mask[i, :, P - a.shape[1]:] = m
+    toks = uev.fused_generate(fm, ids, mask, int(c.eval.max_new_tokens), tok.eos_token_id, tok.pad_token_id)
+    return [{"domain": d, "prompt": p, "output": tok.decode([int(x) for x in row], skip_special_tokens=True)}
+            for (d, p), row in zip(metas, toks)]
