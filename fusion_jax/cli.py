@@ -1,5 +1,11 @@
 """The ``fusion-jax`` command line: one subcommand per job, each registered by the package that owns it.
 
+Command families are imported lazily: :data:`COMMANDS` names each subcommand, the module whose
+``register(subparsers)`` adds it, and a one-line help. Only the family of the command being run is
+imported (``fusion-jax merge`` does not pay for importing the trainer, torch or Orbax); the others
+appear in ``--help`` as placeholders built from the table. Importing this module and building the
+parser imports neither JAX nor any command family.
+
 Every :class:`~fusion_jax.errors.FusionError` is printed as ``error: <message>`` and exits with status 2;
 other exceptions are bugs and keep their traceback.
 """
@@ -7,35 +13,62 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
+from pathlib import Path
 
 from fusion_jax.errors import FusionError
 
-# Each module exposes ``register(subparsers)``, which adds its subcommands and sets ``func(args) -> int``.
-_COMMAND_MODULES = (
-    "fusion_jax.hf.cli",        # convert
-    "fusion_jax.merging.cli",   # merge, dare
-    "fusion_jax.train.cli",     # train
+#: (subcommand, module with ``register(subparsers)`` that adds it, help). A module may add several.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("convert", "fusion_jax.hf.cli", "convert checkpoints between HF safetensors and Orbax"),
+    ("merge", "fusion_jax.merging.cli", "merge models per a mergekit-style YAML config"),
+    ("dare", "fusion_jax.merging.cli", "DARE one fine-tune onto its base (drop and rescale its delta)"),
+    ("train", "fusion_jax.train.cli", "train a model from an ml_collections config"),
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _module_file_exists(module: str) -> bool:
+    """Whether ``module`` is part of this install, WITHOUT importing its parent packages (whose
+    ``__init__`` may import JAX): look for the file under the ``fusion_jax`` package directory."""
+    root = Path(importlib.util.find_spec("fusion_jax").origin).parent
+    rel = Path(*module.split(".")[1:])
+    return (root / rel).with_suffix(".py").is_file() or (root / rel / "__init__.py").is_file()
+
+
+def available_commands() -> list[tuple[str, str, str]]:
+    """The rows of :data:`COMMANDS` whose module exists in this install."""
+    return [row for row in COMMANDS if _module_file_exists(row[1])]
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser. Only ``command``'s family is imported and registers its real subparsers;
+    every other command is a placeholder (its help line from the table, arguments unparsed)."""
     parser = argparse.ArgumentParser(prog="fusion-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # that command family is not built yet
-                continue
-            raise
-        module.register(sub)
+    rows = available_commands()
+    for name, module, _ in rows:
+        if name == command:
+            importlib.import_module(module).register(sub)
+            break
+    for name, _, help_ in rows:
+        if name not in sub.choices:
+            p = sub.add_parser(name, help=help_, add_help=False)
+            p.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
+def _command_of(argv: list[str]) -> str | None:
+    # the top-level parser has no options besides -h, so the first non-option word is the command
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv))
     args = parser.parse_args(argv)
+    if not hasattr(args, "func"):  # a table row whose module did not register that command
+        parser.error(f"command {args.command!r} is listed but its module did not register it")
     try:
         return int(args.func(args) or 0)
     except FusionError as e:
