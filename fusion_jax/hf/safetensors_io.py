@@ -173,7 +173,10 @@ class SafetensorsReader:
         for fname in dict.fromkeys(weight_map.values()):
             f = index_path.parent / fname
             if not f.is_file():
-                raise CheckpointError(f"{index_path}: shard {fname} listed in the index does not exist")
+                needed = [k for k, v in weight_map.items() if v == fname]
+                raise CheckpointError(
+                    f"{index_path}: shard {f} listed in the index does not exist (it holds "
+                    f"{len(needed)} tensor(s), e.g. {needed[0]!r})")
             files.append(f)
         self._index_map = weight_map
         return files
