@@ -13,8 +13,11 @@ from flax import nnx
 
 def _param(key, shape, axes, scale=None):
     scale = (1.0 / np.sqrt(shape[-2])) if scale is None and len(shape) >= 2 else (scale or 1.0)
-    return nnx.Param(jax.random.normal(key, shape, jnp.float32) * scale,
-                     out_sharding=axes, eager_sharding=False)
+    # NumPy draws seeded by the key's bits: deterministic like jax.random.normal, but without compiling
+    # one XLA program per shape (seconds on a loaded CPU, in every test subprocess).
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    w = rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
+    return nnx.Param(jnp.asarray(w), out_sharding=axes, eager_sharding=False)
 
 
 class ToyLM(nnx.Module):
@@ -66,22 +69,43 @@ def toy_batches(num_batches: int, batch: int, seq: int, vocab: int = 32, seed: i
     return out
 
 
+class _RecordingSource:
+    """A random-access source of toy examples that records which indices were read (tests check that
+    each process reads only its share)."""
+
+    def __init__(self, rows: dict, reads: list | None = None):
+        self._rows = rows
+        self._n = len(next(iter(rows.values())))
+        self.reads = reads
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> dict:
+        if self.reads is not None:
+            self.reads.append(int(i))
+        return {k: v[i] for k, v in self._rows.items()}
+
+
 def toy_grain_iterator(num_examples: int, global_batch: int, seq: int, vocab: int = 32, seed: int = 0,
-                       process_index: int = 0, process_count: int = 1):
-    """A grain DatasetIterator (get_state/set_state) of process-local batches of toy sequences."""
+                       process_index: int = 0, process_count: int = 1, reads: list | None = None):
+    """A grain DatasetIterator (get_state/set_state) of process-local batches of toy sequences.
+
+    The examples are shuffled once (``seed``) and repeated; process ``p`` of ``n`` reads only the examples
+    ``p, p + n, p + 2n, ...`` of that stream (grain's usual sharding) and batches ``global_batch / n`` of
+    them, so global batch ``t`` holds the same examples for every process count (the row order within the
+    batch differs; a mean loss does not see it). ``reads`` (optional list) collects the source indices read.
+    """
     import grain
 
+    if global_batch % process_count:
+        from fusion_jax.errors import ConfigError
+        raise ConfigError(f"batch: {global_batch} is not divisible by the {process_count} processes")
     rows = toy_batches(1, num_examples, seq, vocab, seed)[0]
-    examples = [{k: v[i] for k, v in rows.items()} for i in range(num_examples)]
-    per = global_batch // process_count
-    lo = process_index * per
-
-    def local(b):
-        return {k: v[lo:lo + per] for k, v in b.items()}
-
-    ds = (grain.MapDataset.source(examples).shuffle(seed=seed).repeat()
-          .batch(global_batch, drop_remainder=True).map(local))
-    return iter(ds.to_iter_dataset())
+    ds = grain.MapDataset.source(_RecordingSource(rows, reads)).shuffle(seed=seed).repeat()
+    ds = ds[process_index::process_count].batch(global_batch // process_count, drop_remainder=True)
+    # no read-ahead threads: the toy runs beside other processes on small CPUs, and ``reads`` stays exact
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def main(argv=None) -> int:
@@ -95,6 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--save-every", type=int, default=4)
+    ap.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=16)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -126,17 +151,20 @@ def main(argv=None) -> int:
                  OptimizerConfig(learning_rate=1e-2, warmup_steps=2, weight_decay=0.01),
                  TrainerConfig(total_steps=a.steps, workdir=a.workdir, save_every=a.save_every,
                                grad_accum_steps=a.grad_accum, log_every=1, progress=False,
+                               keep_checkpoints=a.keep,
                                async_checkpointing=not a.sync),
                  mesh=mesh, param_logical_axes=shd.state_logical_axes(p), callbacks=cbs)
+    reads: list[int] = []
     data = toy_grain_iterator(64, a.batch, a.seq, seed=1, process_index=jax.process_index(),
-                              process_count=jax.process_count())
+                              process_count=jax.process_count(), reads=reads)
     r = tr.run(data)
     flat = {k: np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(v, tiled=True)))
             for k, v in tr.split.flat(r.params).items()}
     if a.out and jax.process_index() == 0:
         np.savez(a.out, **{k.replace("/", "."): v for k, v in flat.items()})
     print("RESULT" + json.dumps({"resumed_from": r.resumed_from, "step": r.step,
-                                 "losses": [h["loss"] for h in r.history]}), flush=True)
+                                 "losses": [h["loss"] for h in r.history],
+                                 "reads": reads}), flush=True)
     os.sys.stdout.flush()
     return 0
 
