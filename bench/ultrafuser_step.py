@@ -1,0 +1,490 @@
+"""Benchmark: one UltraFuser train step, fusion-jax vs the same computation in PyTorch + transformers.
+
+Three specialists of one Llama config plus the gate (two-layer ReLU MLP on each specialist's last hidden
+state, softmax over specialists per token, fused logits = weighted sum, mean CE on response tokens), an
+AdamW step with global-norm clipping. Stage 1 trains the gate only, stage 2 every weight.
+
+* fusion-jax: the pipeline's own step (``fusion_jax.ultrafuser.steps.make_fused_step``: jit, donated
+  state, chunked fused CE) on specialists loaded with ``fusion_jax.hf.load_model`` and the gate with
+  ``load_gate``, i.e. the files the torch side reads.
+* PyTorch: three ``transformers.LlamaForCausalLM`` (sdpa attention) + the same gate as ``nn.Sequential``,
+  ``torch.optim.AdamW(foreach=True)`` + ``clip_grad_norm_``. Stage 1 runs the frozen specialists under
+  ``torch.no_grad()`` (what a torch user would write).
+
+The parent writes the weights (random, seeded) as HF checkpoints and one batch laid out like the
+pipeline's (each example in each specialist's template: left-padded prompt, response at the same
+positions, trailing padding), then runs each (framework, stage) in its own child process so that peak
+RSS is per run. Before timing, each child computes the loss and every gradient on the initial weights;
+the parent checks that both frameworks agree to float32 tolerance (a benchmark of different computations
+would be worthless) and fails otherwise.
+
+tokens/s counts positions of the fused batch (B x S; each position runs through all K specialists).
+
+    python bench/ultrafuser_step.py                      # sizes of BENCHMARKS.md, prints a table
+    python bench/ultrafuser_step.py --write              # also rewrites BENCHMARKS.md's section
+    python bench/ultrafuser_step.py --peak-tflops 989 --dtype bfloat16 --hidden 960 ...   # on a GPU: MFU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+NAMES = ("text", "code", "math")
+SECTION = "## UltraFuser train step"
+sys.path.insert(0, str(ROOT))  # the checkout's fusion_jax, whether or not it is pip-installed
+
+
+# -- sizes and FLOPs ---------------------------------------------------------------------------------
+def hf_config(a) -> dict:
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": a.vocab,
+        "hidden_size": a.hidden, "intermediate_size": a.inter, "num_hidden_layers": a.layers,
+        "num_attention_heads": a.heads, "num_key_value_heads": a.kv_heads, "head_dim": a.hidden // a.heads,
+        "hidden_act": "silu", "rms_norm_eps": 1e-5, "max_position_embeddings": max(2048, a.seq),
+        "tie_word_embeddings": False, "rope_theta": 10000.0, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "dtype": "float32",
+    }
+
+
+def flops_per_token(a, stage: int) -> dict:
+    """Model FLOPs per position of the fused batch (recomputation not counted, as MFU defines it).
+
+    Per specialist: N = L*(D*q + 2*D*kv + q*D + 3*D*F) + D*V matmul params (lm_head included, the
+    embedding lookup not); attention 4*L*S*q per position forward (QK^T and AV, PaLM's counting);
+    gate G = D*Hg + Hg. Mixture of K logit rows: 2*K*V forward.
+      stage 2 (all weights):  K*(6*N + 12*L*S*q + 6*G) + 6*K*V
+      stage 1 (gate only):    K*(2*N + 4*L*S*q + 4*G) + 4*K*V   (specialists forward only; gate weight grads)
+    """
+    D, F, L, V, S, K, Hg = a.hidden, a.inter, a.layers, a.vocab, a.seq, len(NAMES), a.gate_hidden
+    hd = D // a.heads
+    q, kv = a.heads * hd, a.kv_heads * hd
+    N = L * (D * q + 2 * D * kv + q * D + 3 * D * F) + D * V
+    G = D * Hg + Hg
+    if stage == 2:
+        total = K * (6 * N + 12 * L * S * q + 6 * G) + 6 * K * V
+    else:
+        total = K * (2 * N + 4 * L * S * q + 4 * G) + 4 * K * V
+    return {"N_matmul_per_specialist": N, "flops_per_token": total}
+
+
+# -- inputs ------------------------------------------------------------------------------------------
+def make_inputs(root: Path, a) -> None:
+    """Three random HF Llama checkpoints (torch init, seeded), a random gate, one pipeline-shaped batch."""
+    import torch
+    import transformers
+
+    from fusion_jax.ultrafuser.gate import GateConfig, save_gate
+
+    cfg = transformers.LlamaConfig(**{k: v for k, v in hf_config(a).items() if k not in ("architectures", "dtype")})
+    for k, name in enumerate(NAMES):
+        torch.manual_seed(a.seed + k)
+        m = transformers.LlamaForCausalLM(cfg).to(torch.float32)
+        m.save_pretrained(root / name, safe_serialization=True)
+        del m
+    rng = np.random.default_rng(a.seed)
+    D, H = a.hidden, a.gate_hidden
+    # a non-zero second layer, so that the check exercises non-uniform mixture weights
+    gate = {"w1": rng.standard_normal((D, H), np.float32) * np.sqrt(2.0 / D),
+            "b1": rng.standard_normal((H,), np.float32) * 0.1,
+            "w2": rng.standard_normal((H,), np.float32) * np.sqrt(1.0 / H),
+            "b2": np.zeros((), np.float32)}
+    save_gate(gate, GateConfig(input_size=D, hidden_size=H, num_experts=len(NAMES), specialist_names=NAMES),
+              root / "gate")
+    # batch, laid out as fusion_jax.ultrafuser.data.Renderer renders: [pad | prompt_k | response EOS | pad]
+    K, B, S, P = len(NAMES), a.bpd * len(NAMES), a.seq, a.prompt_len
+    ids = np.zeros((K, B, S), np.int32)
+    att = np.zeros((K, B, S), np.int32)
+    labels = np.zeros((B, S), np.int32)
+    lmask = np.zeros((B, S), np.float32)
+    for n in range(B):
+        r_len = int(rng.integers((S - P) // 2, S - P + 1))
+        resp = rng.integers(3, a.vocab, r_len)
+        resp[-1] = 2  # EOS
+        for k in range(K):
+            p_len = int(rng.integers(P // 4, P + 1))
+            ids[k, n, P - p_len:P] = rng.integers(3, a.vocab, p_len)
+            ids[k, n, P:P + r_len] = resp
+            att[k, n, P - p_len:P + r_len] = 1
+        labels[n, P - 1:P - 1 + r_len] = resp
+        lmask[n, P - 1:P - 1 + r_len] = 1.0
+    np.savez(root / "batch.npz", input_ids=ids, attention_mask=att, labels=labels, loss_mask=lmask)
+
+
+def load_batch(root: Path) -> dict:
+    with np.load(root / "batch.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+# -- children ----------------------------------------------------------------------------------------
+def _timed(step_once, warmup: int, steps: int, sync) -> dict:
+    t = time.perf_counter()
+    sync(step_once())
+    first = time.perf_counter() - t
+    for _ in range(max(warmup - 1, 0)):
+        sync(step_once())
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        sync(step_once())
+        times.append(time.perf_counter() - t)
+    return {"first_step_s": first, "step_s": times}
+
+
+def trainer_batch(fused: dict) -> dict:
+    """The fused layout (ids/mask [K,B,S], labels/loss_mask [B,S] on predicting positions) in the layout
+    the trainer's loss takes (``FusedModel.trainer_loss_fn``: ids/mask [B,K,S], loss_mask on the
+    response tokens themselves)."""
+    lm = np.zeros_like(fused["loss_mask"])
+    lm[:, 1:] = fused["loss_mask"][:, :-1]
+    return {"input_ids": np.swapaxes(fused["input_ids"], 0, 1), "attention_mask":
+            np.swapaxes(fused["attention_mask"], 0, 1), "loss_mask": lm}
+
+
+def child_jax(root: Path, a, stage: int) -> dict:
+    import jax
+
+    from fusion_jax import hf
+    from fusion_jax.hf import mapping
+    from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
+    from fusion_jax.ultrafuser.gate import load_gate
+    from fusion_jax.ultrafuser.model import GATE, SPECIALISTS, FusedModel
+
+    kw = {"dtype": a.dtype, "param_dtype": "float32"}
+    models = [hf.load_model(root / n, **kw) for n in NAMES]
+    gate, gcfg = load_gate(root / "gate")
+    fm = FusedModel.from_models(models, NAMES, gate=gate, gate_hidden=gcfg.hidden_size)
+    del models
+    batch = trainer_batch(load_batch(root))
+    loss_fn = fm.trainer_loss_fn(a.chunk)
+
+    # check values: loss and every gradient at the initial weights (not timed)
+    params = fm.train_params()
+    if stage == 1:  # gate only, as the stage trains it
+        loss, gg = jax.jit(jax.value_and_grad(
+            lambda gt: loss_fn({SPECIALISTS: params[SPECIALISTS], GATE: gt}, batch, None)[0]))(params[GATE])
+        g = {GATE: gg}
+    else:
+        loss, g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0]))(params)
+    grads = {f"gate.{k}": np.asarray(v) for k, v in g[GATE].items()}
+    if stage == 2:
+        for k, n in enumerate(NAMES):
+            gk = jax.tree.map(lambda x: np.asarray(x[k]), g[SPECIALISTS])
+            grads.update({f"{n}.{name}": t for name, t in mapping.params_to_hf(gk, fm.config)})
+    np.savez(root / f"grads_jax_s{stage}.npz", **grads)
+    del grads, g
+
+    # the pipeline's step: fusion_jax.train.Trainer's jitted step (donated state) on trainer_loss_fn
+    opt = OptimizerConfig(learning_rate=a.lr, schedule="cosine", weight_decay=0.0, grad_clip=1.0)
+    tc = TrainerConfig(total_steps=a.warmup + a.steps, workdir=None, progress=False, tensorboard=False)
+    trainer = Trainer(loss_fn, params, opt, tc, trainable=r"^gate/" if stage == 1 else None,
+                      param_logical_axes=fm.train_logical_axes())
+    del params, fm
+    res = _timed(lambda: trainer.step_fn(batch)["loss"], a.warmup, a.steps, jax.block_until_ready)
+    res.update(loss=float(loss), device=str(jax.devices()[0]), platform=jax.devices()[0].platform,
+               version=f"jax {jax.__version__}")
+    return res
+
+
+def child_torch(root: Path, a, stage: int) -> dict:
+    import torch
+    import transformers
+    from safetensors.numpy import load_file
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    models = [transformers.LlamaForCausalLM.from_pretrained(root / n, dtype=torch.float32,
+                                                             attn_implementation="sdpa").to(dev) for n in NAMES]
+    g = load_file(str(root / "gate" / "gate.safetensors"))
+    D, H = g["gate.w1"].shape
+    gate = torch.nn.Sequential(torch.nn.Linear(D, H), torch.nn.ReLU(), torch.nn.Linear(H, 1)).to(dev)
+    with torch.no_grad():
+        gate[0].weight.copy_(torch.from_numpy(g["gate.w1"].T.copy()))
+        gate[0].bias.copy_(torch.from_numpy(g["gate.b1"]))
+        gate[2].weight.copy_(torch.from_numpy(g["gate.w2"][None, :].copy()))
+        gate[2].bias.copy_(torch.from_numpy(g["gate.b2"].reshape(1)))
+    b = {k: torch.from_numpy(v).to(dev) for k, v in load_batch(root).items()}
+    b["input_ids"] = b["input_ids"].long()
+    b["labels"] = b["labels"].long()
+    # positions = running count of real tokens (left padding), as fusion_jax's CausalLM derives them
+    pos = (b["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+    K = len(NAMES)
+    for m in models:
+        m.train(stage == 2)
+        m.requires_grad_(stage == 2)
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.dtype == "bfloat16")
+
+    def specialists():
+        hs = [m.model(input_ids=b["input_ids"][k], attention_mask=b["attention_mask"][k],
+                      position_ids=pos[k]).last_hidden_state for k, m in enumerate(models)]
+        logits = [m.lm_head(h).float() for m, h in zip(models, hs)]
+        return torch.stack(hs), torch.stack(logits)                  # [K,B,S,D], [K,B,S,V]
+
+    def loss_fn():
+        with autocast:
+            if stage == 1:
+                with torch.no_grad():
+                    h, logits = specialists()
+            else:
+                h, logits = specialists()
+            w = torch.softmax(gate(h.float()).squeeze(-1), dim=0)       # [K,B,S]
+            fused = torch.einsum("kbs,kbsv->bsv", w, logits)
+            nll = torch.logsumexp(fused, -1) - fused.gather(-1, b["labels"][..., None])[..., 0]
+            m = b["loss_mask"]
+            return (nll * m).sum() / m.sum().clamp(min=1.0)
+
+    params = list(gate.parameters()) + ([p for m in models for p in m.parameters()] if stage == 2 else [])
+    loss = loss_fn()
+    loss.backward()
+    grads = {"gate.w1": gate[0].weight.grad.T.numpy(force=True), "gate.b1": gate[0].bias.grad.numpy(force=True),
+             "gate.w2": gate[2].weight.grad[0].numpy(force=True), "gate.b2": gate[2].bias.grad[0].numpy(force=True)}
+    if stage == 2:
+        for n, m in zip(NAMES, models):
+            grads.update({f"{n}.{k}": p.grad.numpy(force=True) for k, p in m.named_parameters()})
+    np.savez(root / f"grads_torch_s{stage}.npz", **grads)
+    del grads
+    opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=True)
+    opt.zero_grad(set_to_none=True)
+
+    def once():
+        l = loss_fn()
+        l.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return l
+
+    def sync(l):
+        float(l.detach())
+
+    res = _timed(once, a.warmup, a.steps, sync)
+    res.update(loss=float(loss.detach()), device=str(dev), platform=dev.type,
+               version=f"torch {torch.__version__}, transformers {transformers.__version__}")
+    return res
+
+
+def run_child(fw: str, stage: int, root: Path, argv: list[str]) -> dict:
+    """Run one (framework, stage) in a fresh process; returns its result with wall time and peak RSS."""
+    out = root / f"result_{fw}_s{stage}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", fw, "--stage", str(stage),
+           "--workdir", str(root)]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd)
+    _, status, ru = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"child {fw} stage {stage} failed (exit {proc.returncode})")
+    res = json.loads(out.read_text())
+    res["wall_s"] = time.perf_counter() - t
+    res["peak_rss_gb"] = ru.ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+    return res
+
+
+# -- comparison ---------------------------------------------------------------------------------------
+def compare(root: Path, stage: int, res_j: dict, res_t: dict) -> dict:
+    gj = np.load(root / f"grads_jax_s{stage}.npz")
+    gt = np.load(root / f"grads_torch_s{stage}.npz")
+    if set(gj.files) != set(gt.files):
+        raise SystemExit(f"stage {stage}: gradient sets differ: {sorted(set(gj.files) ^ set(gt.files))[:5]}")
+    worst, worst_name = 0.0, ""
+    # a tensor whose true gradient is ~0 (the gate's output bias: softmax ignores a shared shift) is
+    # compared against a small fraction of the global gradient norm instead of its own
+    floor = 1e-4 * np.sqrt(sum(np.sum(gt[k].astype(np.float64) ** 2) for k in gt.files))
+    for k in gj.files:
+        a, b = gj[k].astype(np.float64), gt[k].astype(np.float64)
+        if a.shape != b.shape:
+            raise SystemExit(f"stage {stage}: gradient {k} has shape {a.shape} (jax) vs {b.shape} (torch)")
+        rel = np.linalg.norm(a - b) / max(np.linalg.norm(b), floor, 1e-30)
+        if rel > worst:
+            worst, worst_name = float(rel), k
+    dloss = abs(res_j["loss"] - res_t["loss"])
+    return {"loss_jax": res_j["loss"], "loss_torch": res_t["loss"], "loss_abs_diff": dloss,
+            "grad_max_rel_err": worst, "grad_worst_tensor": worst_name, "n_grad_tensors": len(gj.files)}
+
+
+# -- report -------------------------------------------------------------------------------------------
+def machine() -> str:
+    load = os.getloadavg()[0]
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {mem:.0f} GiB, "
+            f"load average {load:.1f} at the start of the run")
+
+
+def table(a, results: dict, checks: dict) -> list[str]:
+    B, S = a.bpd * len(NAMES), a.seq
+    lines = ["| stage | framework | step s (median) | tokens/s | peak RSS GB | first step s (compile) |",
+             "|---|---|---|---|---|---|"]
+    for stage in (1, 2):
+        for fw in ("jax", "torch"):
+            r = results.get((fw, stage))
+            if r is None:
+                continue
+            med = float(np.median(r["step_s"]))
+            label = "fusion-jax" if fw == "jax" else "PyTorch + transformers"
+            lines.append(f"| {stage} | {label} | {med:.3f} | {B * S / med:,.0f} | {r['peak_rss_gb']:.2f} | "
+                         f"{r['first_step_s']:.1f} |")
+    lines.append("")
+    for stage in (1, 2):
+        if ("jax", stage) in results and ("torch", stage) in results:
+            tj = float(np.median(results[("jax", stage)]["step_s"]))
+            tt = float(np.median(results[("torch", stage)]["step_s"]))
+            c = checks[stage]
+            lines.append(f"- stage {stage}: fusion-jax / PyTorch tokens/s = **{tt / tj:.2f}x**; same loss "
+                         f"({c['loss_jax']:.6f} vs {c['loss_torch']:.6f}, |diff| {c['loss_abs_diff']:.1e}), "
+                         f"{c['n_grad_tensors']} gradient tensors agree to max relative error "
+                         f"{c['grad_max_rel_err']:.1e} ({c['grad_worst_tensor']})")
+    return lines
+
+
+def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
+    """Replace (or append) this benchmark's section, leaving every other section as it is."""
+    old = path.read_text() if path.exists() else ""
+    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pat.search(old):
+        new = pat.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1).rstrip("\n") + "\n"
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
+    path.write_text(new)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--inter", type=int, default=768)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--bpd", type=int, default=2, help="examples per domain per batch (B = 3 x bpd)")
+    ap.add_argument("--gate-hidden", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=128, help="sequence chunk of the fused loss (JAX)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one compiles)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--stages", default="1,2")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak (dense, compute dtype): MFU")
+    ap.add_argument("--write", action="store_true", help=f"rewrite BENCHMARKS.md's '{SECTION}' section")
+    ap.add_argument("--workdir", default=None)
+    ap.add_argument("--keep", action="store_true", help="keep the workdir (inputs, gradients, results)")
+    ap.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+
+    if a.child:
+        root = Path(a.workdir)
+        res = (child_jax if a.child == "jax" else child_torch)(root, a, a.stage)
+        (root / f"result_{a.child}_s{a.stage}.json").write_text(json.dumps(res))
+        return
+
+    argv = [x for x in sys.argv[1:] if x not in ("--write", "--keep")]
+    argv = [x for i, x in enumerate(argv) if x != "--workdir" and (i == 0 or argv[i - 1] != "--workdir")]
+    root = Path(a.workdir or tempfile.mkdtemp(prefix="fj-uf-bench-"))
+    mach = machine()
+    stages = [int(s) for s in a.stages.split(",")]
+    B, S, K = a.bpd * len(NAMES), a.seq, len(NAMES)
+    results, checks = {}, {}
+    try:
+        t = time.perf_counter()
+        make_inputs(root, a)
+        print(f"inputs: {K} x Llama d={a.hidden} ff={a.inter} L={a.layers} heads={a.heads}/{a.kv_heads} "
+              f"V={a.vocab}, batch {B} x {S} ({time.perf_counter() - t:.1f} s)", flush=True)
+        for stage in stages:
+            for fw in ("torch", "jax"):
+                r = run_child(fw, stage, root, argv)
+                results[(fw, stage)] = r
+                med = float(np.median(r["step_s"]))
+                print(f"stage {stage} {fw:5s}: median step {med:.3f} s, {B * S / med:,.0f} tok/s, "
+                      f"first step {r['first_step_s']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB, "
+                      f"loss {r['loss']:.6f}", flush=True)
+            checks[stage] = c = compare(root, stage, results[("jax", stage)], results[("torch", stage)])
+            tol = 1e-4 if a.dtype == "float32" else 5e-2
+            ok = c["loss_abs_diff"] <= tol * max(1.0, abs(c["loss_torch"])) and c["grad_max_rel_err"] <= 10 * tol
+            print(f"stage {stage} check: loss {c['loss_jax']:.6f} (jax) vs {c['loss_torch']:.6f} (torch); "
+                  f"max grad rel err {c['grad_max_rel_err']:.2e} ({c['grad_worst_tensor']}) -> "
+                  f"{'OK' if ok else 'MISMATCH'}", flush=True)
+            if not ok:
+                raise SystemExit(f"stage {stage}: the two frameworks do not compute the same loss/gradients")
+    finally:
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    rj = results[("jax", stages[-1])]
+    fl = {s: flops_per_token(a, s) for s in stages}
+    print(f"\nmachine: {mach}\njax: {rj['version']} on {rj['device']}; "
+          f"{results[('torch', stages[-1])]['version']}\n")
+    lines = table(a, results, checks)
+    print("\n".join(lines))
+    print("\nModel FLOPs per fused-batch token (" + flops_per_token.__doc__.split("\n\n")[1].strip() + ")")
+    for s in stages:
+        print(f"  stage {s}: {fl[s]['flops_per_token'] / 1e6:.1f} MFLOP/token "
+              f"(N = {fl[s]['N_matmul_per_specialist'] / 1e6:.2f}M matmul params per specialist)")
+    mfu = {}
+    if rj["platform"] in ("gpu", "cuda", "tpu") and a.peak_tflops > 0:
+        for s in stages:
+            for fw in ("jax", "torch"):
+                tok_s = B * S / float(np.median(results[(fw, s)]["step_s"]))
+                mfu[(fw, s)] = tok_s * fl[s]["flops_per_token"] / (a.peak_tflops * 1e12)
+                print(f"  MFU stage {s} {fw}: {100 * mfu[(fw, s)]:.1f}% of {a.peak_tflops:g} TFLOP/s")
+    elif rj["platform"] in ("gpu", "cuda", "tpu"):
+        print("  (pass --peak-tflops for MFU)")
+    print(json.dumps({"machine": mach, "args": {k: v for k, v in vars(a).items() if k not in ("child", "stage")},
+                      "results": {f"{fw}_s{s}": r for (fw, s), r in results.items()},
+                      "checks": checks, "flops_per_token": {s: f["flops_per_token"] for s, f in fl.items()},
+                      "mfu": {f"{fw}_s{s}": v for (fw, s), v in mfu.items()}}))
+
+    if a.write:
+        hd = a.hidden // a.heads
+        n_total = K * (a.layers * (a.hidden * hd * (a.heads + 2 * a.kv_heads) + hd * a.heads * a.hidden
+                                   + 3 * a.hidden * a.inter + 2 * a.hidden) + 2 * a.vocab * a.hidden + a.hidden)
+        n_total += a.hidden * a.gate_hidden + 2 * a.gate_hidden + 1
+        cmd = "python bench/ultrafuser_step.py " + " ".join(argv) + (" --write" if argv else "--write")
+        text = "\n".join([
+            SECTION, "",
+            f"`{cmd.strip()}` — one UltraFuser train step (AdamW, clip 1.0): stage 1 trains the gate only, stage 2 "
+            f"every weight. {K} specialists of one Llama config (d={a.hidden}, ff={a.inter}, {a.layers} layers, "
+            f"{a.heads} heads of {hd}, vocab {a.vocab}; {n_total / 1e6:.1f}M params with the gate, hidden "
+            f"{a.gate_hidden}), batch {a.bpd} per domain x {K} domains = {B} examples x {S} tokens (prompt "
+            f"{a.prompt_len} left-padded, response after it; CE on response tokens), {a.dtype}. fusion-jax: the "
+            f"pipeline's `make_fused_step` (jit, donated state, fused CE chunked by {a.chunk}); PyTorch: three "
+            "`transformers.LlamaForCausalLM` (sdpa) + the gate as `nn.Sequential`, `AdamW(foreach=True)`, "
+            "specialists under `no_grad` in stage 1. Each run in its own process (peak RSS per run); "
+            f"{a.warmup} warm-up steps excluded, median of {a.steps} timed steps. tokens/s = B x S positions "
+            "of the fused batch per second (each runs through all three specialists).", "",
+            f"Machine: {mach}; shared with other jobs at the time, so absolute numbers move from run to run "
+            f"(the two frameworks ran back to back, torch first). {rj['version']}; "
+            f"{results[('torch', stages[-1])]['version']}. Measured {time.strftime('%Y-%m-%d')}.", "",
+            *lines, "",
+            "Before timing, both compute the loss and every gradient on the same weights (the torch "
+            "checkpoints, loaded into fusion-jax by `fusion_jax.hf.load_model`) and the same batch; the run "
+            "stops if they differ beyond float32 tolerance.", "",
+            "No GPU or TPU was lent to this task, so MFU of stage 2 on an accelerator is not measured here. "
+            "The script prints MFU when JAX runs on a GPU/TPU and `--peak-tflops` is given, with model FLOPs "
+            "per fused-batch token (K specialists, S sequence length, recomputation not counted):", "",
+            "- N = L(Dq + 2D kv + qD + 3DF) + DV matmul params per specialist (lm_head in, embedding lookup out), "
+            "G = D Hg + Hg for the gate",
+            "- stage 2: K(6N + 12 L S q + 6G) + 6KV; stage 1: K(2N + 4 L S q + 4G) + 4KV",
+            f"- at these sizes: stage 2 {fl.get(2, fl[stages[-1]])['flops_per_token'] / 1e6:.1f} MFLOP/token",
+            "",
+        ])
+        write_section(text)
+        print(f"wrote '{SECTION}' into BENCHMARKS.md")
+
+
+if __name__ == "__main__":
+    main()
