@@ -81,3 +81,32 @@ class MetricsLogger:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path) as f:
         return [json.loads(l) for l in f if l.strip()]
+
+
+def read_tensorboard_scalars(log_dir: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """``{tag: [(step, value), ...]}`` from every TensorBoard event file in ``log_dir`` (no TensorFlow).
+
+    Event files are TFRecord streams (``uint64 length, uint32 crc, payload, uint32 crc``) of ``Event``
+    protos; this reads them with tensorboardX's own protos, for tests and for plots from a finished run.
+    """
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name in sorted(os.listdir(log_dir)):
+        if not name.startswith("events.out.tfevents"):
+            continue
+        with open(os.path.join(log_dir, name), "rb") as f:
+            data = f.read()
+        pos = 0
+        while pos + 12 <= len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            payload = data[pos + 12:pos + 12 + n]
+            pos += 12 + n + 4
+            if len(payload) < n:
+                break  # a record cut by a kill
+            ev = event_pb2.Event.FromString(payload)
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append((int(ev.step), float(v.simple_value)))
+    return out

@@ -1,0 +1,82 @@
+"""Trainer outputs a person looks at, and an interrupted run resumed in the same process:
+
+progress bar (loss, tokens/s, ETA), metrics.jsonl, TensorBoard events, async keep-K checkpoints holding
+the data position, resume from the latest with the DomainBalancedSampler picking up at the exact batch.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from flax import nnx
+
+from fusion_jax import sharding as shd
+from fusion_jax.data.sampler import DomainBalancedSampler
+from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
+from fusion_jax.train.losses import nnx_causal_lm_loss
+from fusion_jax.train.metrics import read_jsonl, read_tensorboard_scalars
+from fusion_jax.train.toy import ToyLM, toy_batches
+
+
+class _Crash(Exception):
+    pass
+
+
+def _arrays():
+    # two "domains" of toy sequences (different seeds), 5 and 7 examples
+    return {d: toy_batches(1, n, 12, seed=s)[0] for d, n, s in (("even", 5, 1), ("odd", 7, 2))}
+
+
+def _trainer(workdir, callbacks=()):
+    m = ToyLM(vocab=32, dim=8, hidden=12, layers=1, rngs=nnx.Rngs(0))
+    g, p = nnx.split(m, nnx.Param)
+    return Trainer(nnx_causal_lm_loss(g), nnx.to_pure_dict(p), OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+                   TrainerConfig(total_steps=6, workdir=str(workdir), save_every=2, keep_checkpoints=2,
+                                 async_checkpointing=True, log_every=2, progress=True),
+                   param_logical_axes=shd.state_logical_axes(p), callbacks=callbacks)
+
+
+def test_logs_progress_and_resume_with_sampler(tmp_path, capsys):
+    seen: dict[int, float] = {}
+
+    def record_then_crash(step, metrics, tr):
+        seen[step] = metrics["loss"]
+        if step == 5:  # after step 5 ran, before its (not due) checkpoint: like a kill
+            raise _Crash
+
+    a = _trainer(tmp_path, [record_then_crash])
+    assert a.checkpointer.manager._options.enable_async_checkpointing  # saves overlap the next steps
+    with pytest.raises(_Crash):
+        a.run(DomainBalancedSampler(_arrays(), 2, seed=0, process_index=0, process_count=1))
+    a.close()
+    err = capsys.readouterr().err
+    # the bar: step count, loss, tokens/s and elapsed<remaining (ETA)
+    assert re.search(r"\d+/6 \[\d\d:\d\d<\d\d:\d\d", err), err[-500:]
+    assert re.search(r"loss=\d+\.\d{4}", err) and re.search(r"tok_s=[\d,]+", err), err[-500:]
+
+    # keep-2 of the saves at steps 2 and 4; the data position saved with step 4 is the sampler's O(1) state
+    assert a.checkpointer.all_steps() == [2, 4]
+    data_state = json.loads((tmp_path / "checkpoints" / "4" / "data" / "process_0-of-1.json").read_text())
+    assert data_state == {"kind": "json", "state": {"step": 4}}
+
+    b = _trainer(tmp_path)
+    r = b.run(DomainBalancedSampler(_arrays(), 2, seed=0, process_index=0, process_count=1))
+    assert r.resumed_from == 4 and r.step == 6
+    assert "resumed from step 4" in capsys.readouterr().err
+    # step 5 after the resume saw the same state and batch as step 5 before the crash
+    assert r.history[0]["step"] == 5
+    np.testing.assert_allclose(r.history[0]["loss"], seen[5], rtol=1e-6)
+    assert b.checkpointer.all_steps() == [4, 6]
+    b.close()
+
+    rows = read_jsonl(tmp_path / "logs" / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [2, 4, 6]
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_sec", "num_tokens", "step_time_s"} <= set(rows[0])
+    np.testing.assert_allclose(rows[1]["loss"], np.mean([seen[3], seen[4]]), rtol=1e-6)
+    tb = read_tensorboard_scalars(tmp_path / "logs")
+    assert {"loss", "grad_norm", "learning_rate", "tokens_per_sec"} <= set(tb)
+    steps = sorted({s for s, _ in tb["loss"]})
+    assert steps == [2, 4, 6]
+    assert dict(tb["loss"])[6] == pytest.approx(rows[2]["loss"], rel=1e-6)
