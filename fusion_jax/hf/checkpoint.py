@@ -5,8 +5,10 @@ same structure as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (see ``.note
 into a model with ``load_model`` or ``nnx.replace_by_pure_dict(state, params); nnx.update(model, state)``.
 
 Reading never holds the model twice: each param is assembled with ``jax.make_array_from_callback``, whose
-callback reads (``pread``) only the rows that one device's shard needs, transposes, casts, and hands the
-buffer to JAX; per-layer HF tensors are stacked into the ``[L, ...]`` param inside that callback.
+callback allocates one aligned host buffer for one device's shard and fills it from disk (``pread`` of only
+the rows that shard needs; per-layer HF tensors land in their slot of the stacked ``[L, ...]`` param;
+transposes and casts go through a few-MB scratch buffer). On CPU, XLA adopts that buffer without a copy;
+on an accelerator it is transferred and freed. Peak host memory is therefore the params plus ~4 MB.
 ``save`` streams the other way through ``ShardedWriter`` into a temporary directory renamed into place.
 """
 from __future__ import annotations
@@ -100,6 +102,13 @@ class _TorchBinReader:
 
     def get_slice(self, name, index):
         return _torch_to_np(self._tensors[name][tuple(index)])
+
+    def read_rows(self, name, start, stop, out=None):
+        t = _torch_to_np(self._tensors[name][start:stop])
+        if out is None:
+            return t
+        out[...] = t
+        return out
 
     def close(self):
         self._tensors.clear()
@@ -212,35 +221,73 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
         reader.close()
 
 
-def _reader_callback(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype):
-    L = config.num_layers
+_HOST_ALIGN = 64            # XLA:CPU adopts a 64-byte-aligned host buffer as the array, without a copy
+_CHUNK_BYTES = 4 << 20      # HF rows read per pread when a tensor must be transposed, cast or column-sliced
 
-    def read_one(name: str, idx: tuple) -> np.ndarray:
-        # idx indexes OUR layout of one layer's tensor; map to the HF layout for a row-range read
-        if row.transpose:
-            a, b = idx
-            t = reader.get_slice(name, (b, a))
-            t = mapping.transpose2d(t)
+
+def _host_buffer(shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
+    """Uninitialised C-contiguous array whose data pointer is ``_HOST_ALIGN``-aligned."""
+    n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+    raw = np.empty(n + _HOST_ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % _HOST_ALIGN
+    return raw[off:off + n].view(dt).reshape(shape)
+
+
+def _fill(reader, name: str, dest: np.ndarray, index: tuple, transpose: bool, dt: np.dtype) -> None:
+    """Write HF tensor ``name``, in OUR layout (``.T`` when ``transpose``), restricted to ``index`` (slices
+    of our layout, as a device shard asks for), into ``dest``.
+
+    Untransposed, same-dtype, whole-row reads go straight into ``dest`` with one ``pread``. Otherwise HF
+    rows are read in chunks of ~``_CHUNK_BYTES`` into one scratch buffer and copied (transposed / cast /
+    column-sliced) into place, so no whole-tensor temporary ever exists.
+    """
+    shape = tuple(reader.shape(name))
+    src_dt = np.dtype(reader.dtype(name))
+    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+    if not shape:
+        dest[...] = reader.get(name).astype(dt)
+        return
+    if transpose:
+        cols, rows = index                    # ours[a, b] = hf[b, a]
+    else:
+        rows, cols = index[0], index[1:]
+    r0, r1, step = rows.indices(shape[0])
+    if step != 1:
+        raise ValueError(f"tensor {name!r}: strided shard index {rows} is not supported")
+    if (not transpose and src_dt == dt and dest.flags.c_contiguous
+            and all(c.indices(n) == (0, n, 1) for c, n in zip(cols, shape[1:]))):
+        reader.read_rows(name, r0, r1, out=dest)
+        return
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * src_dt.itemsize
+    chunk = max(1, min(r1 - r0, _CHUNK_BYTES // max(row_bytes, 1)))
+    scratch = np.empty((chunk,) + shape[1:], src_dt)
+    for c0 in range(r0, r1, chunk):
+        c1 = min(c0 + chunk, r1)
+        t = reader.read_rows(name, c0, c1, out=scratch[:c1 - c0])
+        if transpose:
+            t = t[:, cols]
+            if t.dtype != dt:
+                t = t.astype(dt)
+            mapping.transpose_into(dest[:, c0 - r0:c1 - r0], t)
         else:
-            t = reader.get_slice(name, idx) if idx else reader.get(name)
-        return t if t.dtype == dt else t.astype(dt)
+            dest[c0 - r0:c1 - r0] = t[(slice(None),) + tuple(cols)]  # casts when dtypes differ
+
+
+def _reader_callback(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype):
+    """``make_array_from_callback`` callback: one device's shard of ``row``'s (stacked) param, read from
+    disk into an aligned host buffer (adopted by XLA:CPU as is; copied to an accelerator and freed)."""
+    ndim = len(row.our_shape(config))
 
     def cb(index) -> np.ndarray:
-        index = tuple(index)
+        index = tuple(index) + (slice(None),) * (ndim - len(tuple(index)))
+        shard_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, row.our_shape(config)))
+        out = _host_buffer(shard_shape, dt)
         if not row.stacked:
-            full = tuple(slice(None) for _ in row.our_shape(config))
-            index = index + full[len(index):]
-            return read_one(row.hf_name(), index)
-        lead = index[0] if index else slice(None)
-        rest = tuple(index[1:]) + (slice(None),) * (len(row.our_shape(config)) - 1 - len(index[1:]))
-        layers = range(*lead.indices(L))
-        parts = None
-        for j, i in enumerate(layers):
-            t = read_one(row.hf_name(i), rest)
-            if parts is None:
-                parts = np.empty((len(layers),) + t.shape, dt)
-            parts[j] = t
-        return parts
+            _fill(reader, row.hf_name(), out, index, row.transpose, dt)
+            return out
+        for j, i in enumerate(range(*index[0].indices(config.num_layers))):
+            _fill(reader, row.hf_name(i), out[j], index[1:], row.transpose, dt)
+        return out
 
     return cb
 

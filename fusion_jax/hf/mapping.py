@@ -167,12 +167,32 @@ def from_hf_layout(row: Row, hf: np.ndarray) -> np.ndarray:
     return transpose2d(hf) if row.transpose else hf
 
 
+_TRANSPOSE_BLOCK = 16  # source rows per block; measured fastest (4-6x numpy's plain ``a.T`` copy)
+_BITS = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def transpose_into(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src.T`` for 2-D arrays of one dtype, ``dst`` possibly a strided view.
+
+    Copies in blocks of a few source rows, so reads and writes both stay within cache lines (numpy's
+    one-shot ``ascontiguousarray(a.T)`` walks the destination column by column and is several times
+    slower on large matrices). Elements move as same-size unsigned integers: numpy copies those with
+    its fast paths, while ml_dtypes' bfloat16 goes through a generic copy.
+    """
+    if dst.shape != src.shape[::-1] or dst.dtype != src.dtype:
+        raise ValueError(f"transpose_into: {src.shape} {src.dtype} -> {dst.shape} {dst.dtype}")
+    bits = _BITS.get(src.dtype.itemsize)
+    d, s = (dst.view(bits), src.view(bits)) if bits else (dst, src)
+    for i in range(0, s.shape[0], _TRANSPOSE_BLOCK):
+        d[:, i:i + _TRANSPOSE_BLOCK] = s[i:i + _TRANSPOSE_BLOCK].T
+
+
 def transpose2d(a: np.ndarray) -> np.ndarray:
-    """Contiguous transpose; 2-byte dtypes (bf16) go through uint16, which numpy moves much faster."""
+    """Contiguous transpose of a 2-D array (see ``transpose_into``)."""
     a = np.asarray(a)
-    if a.dtype.itemsize == 2 and a.dtype.kind not in "iu":
-        return np.ascontiguousarray(a.view(np.uint16).T).view(a.dtype)
-    return np.ascontiguousarray(a.T)
+    out = np.empty(a.shape[::-1], a.dtype)
+    transpose_into(out, a)
+    return out
 
 
 def params_to_hf(params: Mapping, config: ModelConfig,

@@ -219,6 +219,23 @@ class SafetensorsReader:
                         f"{info.file}: tensor {name!r}")
         return out
 
+    def read_rows(self, name: str, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """``tensor[start:stop]`` (leading axis) with one ``pread``, into ``out`` when given (a
+        C-contiguous array of that shape and the stored dtype, e.g. a slot of a preallocated param)."""
+        info = self.info(name)
+        rows = max(stop - start, 0)
+        shape = (rows,) + info.shape[1:]
+        if out is None:
+            out = np.empty(shape, info.dtype)
+        elif out.shape != shape or out.dtype != info.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"read_rows({name!r}): out must be C-contiguous {shape} {info.dtype}, "
+                             f"got {out.shape} {out.dtype}")
+        if out.nbytes:
+            row_bytes = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
+            _pread_into(self._fd(info.file), memoryview(out.reshape(-1).view(np.uint8)),
+                        info.start + start * row_bytes, f"{info.file}: tensor {name!r}")
+        return out
+
     def get_slice(self, name: str, index: Sequence[slice] | tuple) -> np.ndarray:
         """Read ``tensor[index]`` reading only the rows (leading axis) it needs.
 
