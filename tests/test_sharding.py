@@ -1,4 +1,5 @@
-"""Mesh config validation, the rules table, divisibility fallback, and 8-device forward parity."""
+"""Mesh config validation, the rules table, divisibility fallback, and the zoo decoder's forward on 8
+simulated devices (fsdp x tensor, and data x fsdp x tensor) against one device."""
 from __future__ import annotations
 
 import json
@@ -65,23 +66,35 @@ _PARITY_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from fusion_jax import sharding as sh
-    from fusion_jax.train.toy import ToyLM, toy_batches
+    from fusion_jax.models import CausalLM, ModelConfig
     assert jax.device_count() == 8
-    ids = jnp.asarray(toy_batches(1, 8, 12, vocab=40)[0]["input_ids"])
+    # the zoo's decoder; dims chosen so that most divide the mesh axes and some fall back
+    # (intermediate 42 on tensor=4)
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=48, hidden_size=32, intermediate_size=42,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=None)
+    rng = np.random.RandomState(0)
+    ids = jnp.asarray(rng.randint(0, 48, (8, 12)), jnp.int32)
+    mask = np.ones((8, 12), np.int32); mask[::2, :5] = 0        # left padding on half the rows
+    mask = jnp.asarray(mask)
     def build():
-        # dims chosen so that some divide the mesh axes and some (hidden=10 on tensor=4) fall back
-        return ToyLM(vocab=40, dim=16, hidden=10, layers=2, rngs=nnx.Rngs(0))
-    ref = np.asarray(build()(ids))
+        return CausalLM(cfg, rngs=nnx.Rngs(0))
+    ref = build()
+    ref_plain = np.asarray(ref(ids).logits)
+    ref_masked = np.asarray(ref(ids, attention_mask=mask).logits)
     out = {}
-    for shape in [{"fsdp": 2, "tensor": 4}, {"fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}]:
+    for shape in [{"fsdp": 2, "tensor": 4}, {"data": 2, "fsdp": 2, "tensor": 2}]:
         mesh = sh.make_mesh(shape)
         model = build()
         fwd = sh.sharded_forward(model, mesh)
-        got = fwd(ids)
-        specs = {k: str(v.sharding.spec) for k, v in
-                 [("kernel", model.layers["up"]["kernel"][...]), ("embedding", model.embed["embedding"][...])]}
-        out[json.dumps(shape)] = dict(err=float(np.max(np.abs(np.asarray(got) - ref))),
-                                      out_spec=str(got.sharding.spec), **specs)
+        got, got_m = fwd(ids), fwd(ids, mask)
+        real = np.asarray(mask, bool)
+        specs = {k: str(v[...].sharding.spec) for k, v in
+                 [("up", model.layers.mlp.up_proj.kernel), ("q", model.layers.attn.q_proj.kernel),
+                  ("embedding", model.embed.embedding)]}
+        out[json.dumps(shape)] = dict(
+            err=float(np.max(np.abs(np.asarray(got) - ref_plain))),
+            err_masked=float(np.max(np.abs(np.asarray(got_m) - ref_masked)[real])),
+            n_shards=len(got.sharding.device_set), out_spec=str(got.sharding.spec), **specs)
     print("RESULT" + json.dumps(out))
 """)
 
@@ -97,8 +110,12 @@ def _run_8dev(script: str, timeout=300) -> dict:
 def test_forward_on_8_devices_matches_one():
     res = _run_8dev(_PARITY_SCRIPT)
     for shape, r in res.items():
-        assert r["err"] < 1e-5, (shape, r)
+        assert r["err"] < 2e-5 and r["err_masked"] < 2e-5, (shape, r)
+        assert r["n_shards"] == 8, r
     r = res[json.dumps({"fsdp": 2, "tensor": 4})]
-    assert r["kernel"] == str(P(None, "fsdp")), r       # hidden=10 not divisible by tensor=4
-    assert r["embedding"] == str(P("tensor", "fsdp")), r  # vocab 40 / 4, embed 16 / 2
+    assert r["up"] == str(P(None, "fsdp")), r                # intermediate 42 not divisible by tensor=4
+    assert r["q"] == str(P(None, "fsdp", "tensor")), r
+    assert r["embedding"] == str(P("tensor", "fsdp")), r     # vocab 48 / 4, embed 32 / 2
     assert "tensor" in r["out_spec"] and "fsdp" in r["out_spec"], r
+    r = res[json.dumps({"data": 2, "fsdp": 2, "tensor": 2})]
+    assert r["up"] == str(P(None, "fsdp", "tensor")), r       # 42 / 2 divides
