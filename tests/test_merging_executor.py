@@ -10,8 +10,10 @@ import pytest
 import yaml
 
 from fusion_jax.cli import main
+from fusion_jax.errors import ShapeMismatchError
 from fusion_jax.hf.safetensors_io import SafetensorsReader
 from fusion_jax.merging import execute, load_config, merge, plan_merge
+from fusion_jax.merging.executor import _TOKENIZER_FILES
 from fusion_jax.merging.testing import llama_config, make_family, random_weights, write_checkpoint
 
 
@@ -88,8 +90,10 @@ def test_vocab_mismatch_permutes_rows(tmp_path, source):
     cfg = {"merge_method": "linear", "tokenizer_source": source,
            "models": [{"model": str(a), "parameters": {"weight": 1.0}},
                       {"model": str(b), "parameters": {"weight": 1.0}}], "base_model": str(a)}
-    with pytest.raises(Exception):  # without tokenizer_source: a clear shape error
+    # without tokenizer_source: a clear shape error naming the embedding, and no output directory
+    with pytest.raises(ShapeMismatchError, match="embed_tokens"):
         merge({k: v for k, v in cfg.items() if k != "tokenizer_source"}, tmp_path / "x", quiet=True)
+    assert not (tmp_path / "x").exists()
     merge(cfg, tmp_path / "o", quiet=True)
     import transformers
     ta = transformers.AutoTokenizer.from_pretrained(a).get_vocab()
@@ -176,3 +180,20 @@ def test_dare_cli(fam, tmp_path):
         changed = np.abs(o - b) > 1e-6
         assert 0.05 < changed.mean() < 0.15
         assert _cli(["dare", base, fts[0], tmp_path / "d", "--drop", "1.5"]) == 2
+
+
+def test_finetune_without_tokenizer_shares_the_base_tokenizer(tmp_path):
+    """mergekit's rule: a fine-tune saved without tokenizer files is taken to use the base's vocabulary."""
+    base, fts = make_family(tmp_path, n_finetunes=1, seed=4)
+    for f in _TOKENIZER_FILES:
+        (fts[0] / f).unlink(missing_ok=True)
+    cfg = {"merge_method": "linear", "tokenizer_source": "base", "base_model": str(base),
+           "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                      {"model": str(fts[0]), "parameters": {"weight": 0.5}}]}
+    with pytest.warns(UserWarning, match="no tokenizer files"):
+        merge(cfg, tmp_path / "o", quiet=True)
+    assert (tmp_path / "o" / "tokenizer.json").is_file()
+    merge({k: v for k, v in cfg.items() if k != "tokenizer_source"}, tmp_path / "p", quiet=True)
+    with SafetensorsReader(tmp_path / "o") as a, SafetensorsReader(tmp_path / "p") as b:
+        for n in a.names():
+            assert a.get(n).tobytes() == b.get(n).tobytes(), n

@@ -131,3 +131,50 @@ def test_round_trip_bytes_and_transformers_reload(smollm2, tmp_path):
     ids = torch.tensor(_prompts(tok)["input_ids"][:1])
     with torch.no_grad():
         np.testing.assert_array_equal(reloaded(ids).logits.numpy(), hf(ids).logits.numpy())
+
+
+def _perturbed_copy(src: Path, out: Path, seed: int, scale: float = 0.02) -> Path:
+    """A stand-in "fine-tune" of the real model: every matrix plus a rank-4 delta (fine-tuning deltas are
+    low rank), norms untouched. Written with transformers so the file layout is the hub's."""
+    import torch
+    import transformers
+    m = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.ndim == 2:
+                a = torch.randn(p.shape[0], 4, generator=g) * scale
+                b = torch.randn(4, p.shape[1], generator=g) * p.std() / 2
+                p.add_(a @ b)
+    m.save_pretrained(out)
+    return out
+
+
+def test_ties_merge_of_real_model_matches_mergekit(smollm2, tmp_path):
+    pytest.importorskip("mergekit")
+    import torch
+    import transformers
+    import yaml
+
+    from fusion_jax.merging import merge
+    ckpt, hf, tok = smollm2
+    fts = [_perturbed_copy(ckpt, tmp_path / f"ft{i}", seed=i) for i in range(2)]
+    cfg = {"merge_method": "ties", "base_model": str(ckpt), "dtype": "float32",
+           "tokenizer_source": "base",
+           "models": [{"model": str(fts[0]), "parameters": {"weight": 0.6, "density": 0.5}},
+                      {"model": str(fts[1]), "parameters": {"weight": 0.4, "density": [0.3, 0.7]}}]}
+    path = tmp_path / "ties.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    run_merge(MergeConfiguration.model_validate(cfg), str(tmp_path / "mk"),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True, lazy_unpickle=False))
+    merge(path, tmp_path / "fj", quiet=True)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "fj", dtype=torch.float32).eval()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mk", dtype=torch.float32).eval()
+    ids = torch.tensor(_prompts(tok)["input_ids"][:1])
+    with torch.no_grad():
+        a, b = ours(ids).logits.numpy(), ref(ids).logits.numpy()
+    assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
+    # the base's tokenizer travels with the merge, so the output directory is usable as it is
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "fj")("hi")["input_ids"] == tok("hi")["input_ids"]

@@ -14,6 +14,7 @@ import shutil
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,23 @@ def _vocab_setup(cfg: MergeConfig, models, idx, donor) -> dict:
         return int(m.config.get("vocab_size") or len(tok.get_vocab()))
 
     base_m = models[idx[cfg.base_model]] if cfg.base_model else models[0]
-    toks = {i: load(m) for i, m in enumerate(models)}
+    # As mergekit does, a model directory that ships no tokenizer at all (common for fine-tunes saved with
+    # save_pretrained alone) is taken to share the base model's; a tokenizer that is present but broken
+    # is still an error.
+    has_tok = [any((Path(m.path) / f).is_file() for f in _TOKENIZER_FILES) for m in models]
+    if not has_tok[models.index(base_m)]:
+        raise ConfigError(f"tokenizer_source: the base model {base_m.name!r} has no tokenizer files")
+    base_tok = load(base_m)
+    toks = {}
+    for i, m in enumerate(models):
+        if m is base_m:
+            toks[i] = base_tok
+        elif has_tok[i]:
+            toks[i] = load(m)
+        else:
+            warnings.warn(f"tokenizer_source: {m.name!r} has no tokenizer files; assuming it shares the "
+                          f"base model's ({base_m.name!r})", stacklevel=2)
+            toks[i] = base_tok
     out_tok, out_dir = None, None
     ts = cfg.tokenizer_source
     if ts == "base":
