@@ -1,4 +1,4 @@
-"""A tiny self-contained NNX language model and data for trainer and sharding tests.
+"""A tiny self-contained NNX language model and data for trainer and sharding tests; the ``toy`` method.
 
 It follows the zoo's conventions (logical-axis annotations on every Param, layers stacked on a leading
 ``layers`` axis, float32 logits) without depending on ``fusion_jax.models``.
@@ -108,11 +108,70 @@ def toy_grain_iterator(num_examples: int, global_batch: int, seq: int, vocab: in
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
+def get_config(preset: str | None = None):
+    """The toy job's config (``method = "toy"``): ``python train.py --config=configs/toy.py``."""
+    import ml_collections as mlc
+
+    if preset:
+        from fusion_jax.errors import ConfigError
+        raise ConfigError(f"preset: {preset!r} is unknown (the toy config has no presets)")
+
+    c = mlc.ConfigDict()
+    c.method = "toy"
+    c.workdir = "runs/toy"                # checkpoints/ and logs/ go here; a rerun resumes
+    c.model = mlc.ConfigDict({"vocab": 32, "dim": 16, "hidden": 24, "layers": 2, "seed": 0})
+    c.data = mlc.ConfigDict({"num_examples": 64, "batch_size": 8, "seq_len": 16, "seed": 1})
+    c.optimizer = mlc.ConfigDict({"learning_rate": 1e-2, "warmup_steps": 2, "weight_decay": 0.01})
+    c.trainer = mlc.ConfigDict({"total_steps": 20, "save_every": 4, "keep_checkpoints": 3, "log_every": 1,
+                                "grad_accum_steps": 1, "async_checkpointing": True, "progress": True})
+    c.mesh = mlc.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
+    # multi-process: set all three (or the FUSION_* environment variables)
+    c.distributed = mlc.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
+    return c
+
+
+def train(config, callbacks=(), reads: list | None = None):
+    """Train the toy LM per ``config`` (see :func:`get_config`); returns ``(trainer, TrainResult)``."""
+    from fusion_jax import sharding as shd
+    from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig, distributed
+    from fusion_jax.train.losses import nnx_causal_lm_loss
+
+    d = config.get("distributed") or {}
+    if d and d.get("coordinator_address"):
+        distributed.initialize(d)
+    else:
+        distributed.initialize(None)   # FUSION_* environment variables, if set
+    m, dc = config.model, config.data
+    mesh = shd.make_mesh(config.mesh.to_dict() if hasattr(config.mesh, "to_dict") else config.mesh)
+    model = ToyLM(vocab=m.vocab, dim=m.dim, hidden=m.hidden, layers=m.layers, rngs=nnx.Rngs(m.seed))
+    g, p = nnx.split(model, nnx.Param)
+    tr = Trainer(nnx_causal_lm_loss(g), nnx.to_pure_dict(p), OptimizerConfig.from_config(config.optimizer),
+                 TrainerConfig.from_config(config.trainer, workdir=config.workdir),
+                 mesh=mesh, param_logical_axes=shd.state_logical_axes(p), callbacks=callbacks)
+    data = toy_grain_iterator(dc.num_examples, dc.batch_size, dc.seq_len, vocab=m.vocab, seed=dc.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count(), reads=reads)
+    try:
+        return tr, tr.run(data)
+    finally:
+        tr.close()
+
+
+def run(config) -> int:
+    """The ``toy`` method of ``train.py``: train, print where the outputs are."""
+    tr, r = train(config)
+    if jax.process_index() == 0:
+        print(f"toy: {r.step} steps, final loss {r.history[-1]['loss']:.4f}" if r.history else
+              f"toy: nothing to do (already at step {r.step})")
+        print(f"toy: checkpoints in {tr.checkpointer.directory if tr.checkpointer else '-'}, "
+              f"metrics in {config.workdir}/logs")
+    return 0
+
+
 def main(argv=None) -> int:
-    """Train the toy LM (used by the trainer's subprocess tests: resume, multi-process, multi-device)."""
+    """Train the toy LM from flags (used by the trainer's subprocess tests: resume, multi-process,
+    multi-device); prints ``RESULT{json}`` and optionally saves the final params as .npz."""
     import argparse
     import json
-    import os
     import time
 
     ap = argparse.ArgumentParser()
@@ -125,47 +184,32 @@ def main(argv=None) -> int:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--mesh", default="")            # e.g. fsdp=2,tensor=4
-    ap.add_argument("--coordinator", default=None)
+    ap.add_argument("--coordinator", default="")
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--sync", action="store_true", help="synchronous checkpointing")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
-    from fusion_jax.train import distributed
-    if a.coordinator:
-        distributed.initialize({"coordinator_address": a.coordinator, "num_processes": a.num_processes,
-                                "process_id": a.process_id})
-    import jax.experimental.multihost_utils  # noqa: F401
-
-    from fusion_jax import sharding as shd
-    from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
-    from fusion_jax.train.losses import nnx_causal_lm_loss
-
-    mesh_cfg = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(",") if kv)} or None
-    mesh = shd.make_mesh(mesh_cfg)
-    model = ToyLM(vocab=32, dim=16, hidden=24, layers=2, rngs=nnx.Rngs(0))
-    g, p = nnx.split(model, nnx.Param)
-    cbs = [lambda step, m, tr: time.sleep(a.sleep)] if a.sleep else []
-    tr = Trainer(nnx_causal_lm_loss(g), nnx.to_pure_dict(p),
-                 OptimizerConfig(learning_rate=1e-2, warmup_steps=2, weight_decay=0.01),
-                 TrainerConfig(total_steps=a.steps, workdir=a.workdir, save_every=a.save_every,
-                               grad_accum_steps=a.grad_accum, log_every=1, progress=False,
-                               keep_checkpoints=a.keep,
-                               async_checkpointing=not a.sync),
-                 mesh=mesh, param_logical_axes=shd.state_logical_axes(p), callbacks=cbs)
+    c = get_config()
+    c.workdir = a.workdir
+    c.data.batch_size, c.data.seq_len = a.batch, a.seq
+    c.trainer.update(total_steps=a.steps, save_every=a.save_every, keep_checkpoints=a.keep,
+                     grad_accum_steps=a.grad_accum, async_checkpointing=not a.sync, progress=False)
+    if a.mesh:
+        c.mesh = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))}
+    c.distributed.update(coordinator_address=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
     reads: list[int] = []
-    data = toy_grain_iterator(64, a.batch, a.seq, seed=1, process_index=jax.process_index(),
-                              process_count=jax.process_count(), reads=reads)
-    r = tr.run(data)
-    flat = {k: np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(v, tiled=True)))
+    cbs = [lambda step, m, tr: time.sleep(a.sleep)] if a.sleep else []
+    tr, r = train(c, callbacks=cbs, reads=reads)
+
+    from jax.experimental import multihost_utils
+    flat = {k: np.asarray(jax.device_get(multihost_utils.process_allgather(v, tiled=True)))
             for k, v in tr.split.flat(r.params).items()}
     if a.out and jax.process_index() == 0:
         np.savez(a.out, **{k.replace("/", "."): v for k, v in flat.items()})
     print("RESULT" + json.dumps({"resumed_from": r.resumed_from, "step": r.step,
-                                 "losses": [h["loss"] for h in r.history],
-                                 "reads": reads}), flush=True)
-    os.sys.stdout.flush()
+                                 "losses": [h["loss"] for h in r.history], "reads": reads}), flush=True)
     return 0
 
 
