@@ -13,6 +13,7 @@ on an accelerator it is transferred and freed. Peak host memory is therefore the
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import re
@@ -188,7 +189,9 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
     ``param_dtype``: dtype of the loaded params (default: as stored, so bf16 stays bf16).
     ``dtype``: compute dtype written into the config (default: ``param_dtype``).
     ``shardings``: ``None`` (first device), one ``jax.sharding.Sharding`` for all params, or a nested dict
-    of Shardings shaped like params; each device then reads only its own slice from disk.
+    of Shardings shaped like params; each device's buffer is filled with only its own slice, reading only
+    the HF rows (and layers) that slice needs. A slice along HF's column axis (our kernels' input dim)
+    reads whole rows in few-MB chunks and keeps its columns: rows are the unit of a contiguous read.
     ``config_overrides``: ModelConfig fields (e.g. ``scan_layers=False, remat="full"``).
     Raises MissingTensorError / ShapeMismatchError / UnknownArchitectureError / CorruptFileError /
     CheckpointError naming the file and tensor at fault.
@@ -205,16 +208,25 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
         config = config.replace(param_dtype=pname, dtype=canonical_dtype(dtype) if dtype else pname,
                                 **config_overrides)
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        params: dict = {}
-        for row in mapping.table(config):
+
+        def one(row: mapping.Row) -> jax.Array:
             if shardings is None:
                 sh = default
             elif isinstance(shardings, jax.sharding.Sharding):
                 sh = shardings
             else:
                 sh = mapping.get_path(shardings, row.path)
-            shape = row.our_shape(config)
-            arr = jax.make_array_from_callback(shape, sh, _reader_callback(reader, row, config, pdt))
+            return jax.make_array_from_callback(row.our_shape(config), sh,
+                                                _reader_callback(reader, row, config, pdt))
+
+        # Params are independent and preads / numpy copies release the GIL: a few threads overlap disk
+        # reads with transposes. Memory does not grow with it (each thread fills final param buffers,
+        # plus one few-MB scratch).
+        rows = mapping.table(config)
+        with concurrent.futures.ThreadPoolExecutor(_LOAD_THREADS) as pool:
+            arrays = list(pool.map(one, rows))
+        params: dict = {}
+        for row, arr in zip(rows, arrays):
             mapping.set_path(params, row.path, arr)
         return config, params
     finally:
@@ -222,6 +234,7 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
 
 
 _HOST_ALIGN = 64            # XLA:CPU adopts a 64-byte-aligned host buffer as the array, without a copy
+_LOAD_THREADS = min(4, os.cpu_count() or 1)
 _CHUNK_BYTES = 4 << 20      # HF rows read per pread when a tensor must be transposed, cast or column-sliced
 
 
