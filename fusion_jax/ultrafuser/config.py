@@ -75,9 +75,9 @@ def base_config() -> mlc.ConfigDict:
     c.data.eval_files = mlc.ConfigDict({d: "" for d in DOMAINS})
     c.data.prompt_column = "prompt"
     c.data.response_column = "response"
-    c.data.seq_len = 128                  # prompt (in the longest template) + response, in tokens
-    c.data.max_prompt_len = 48            # prompts are cut (from the left) to this when space is short
-    c.data.max_train_examples = 0         # per domain; 0 = all
+    c.data.seq_len = 96                   # prompt (in the longest template) + response, in tokens
+    c.data.max_prompt_len = 40            # prompts are cut (from the left) to this when space is short
+    c.data.max_train_examples = 600       # per domain for the fusion stages; 0 = all
     c.data.max_eval_examples = 96         # per domain; 0 = all
     c.data.mixed_eval_examples = 96       # held-out responses that switch domain mid-answer
     c.data.seed = 0                       # demo corpus and the mixed set
@@ -93,20 +93,20 @@ def base_config() -> mlc.ConfigDict:
     c.zoo.num_layers = 2
     c.zoo.num_heads = 2
     c.zoo.num_kv_heads = 2
-    c.zoo.pretrain = _lm_run(240, 16, 3e-3, 20)
-    c.zoo.finetune = _lm_run(120, 16, 1e-3, 10)
+    c.zoo.pretrain = _lm_run(150, 16, 3e-3, 15)
+    c.zoo.finetune = _lm_run(80, 8, 1e-3, 8)      # batch: rows of each domain (three run side by side)
 
     c.gate_hidden = 512
     c.loss_chunk = 32                     # sequence chunk of the fused loss ([K,B,chunk,V] live at once)
-    c.stage1 = _stage(60, 8, 1e-3, 5)     # gate only
-    c.stage2 = _stage(20, 4, 1e-4, 2)     # all weights
+    c.stage1 = _stage(60, 8, 3e-3, 5)     # gate only
+    c.stage2 = _stage(12, 4, 1e-4, 2)     # all weights
 
     c.trainer = mlc.ConfigDict({"save_every": 50, "keep_checkpoints": 2, "log_every": 10,
                                 "progress": True, "async_checkpointing": True})
     c.mesh = mlc.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     # multi-process: coordinator_address / num_processes / process_id (or FUSION_* environment variables)
     c.distributed = mlc.ConfigDict({"coordinator_address": "", "num_processes": 0, "process_id": -1})
-    c.eval = mlc.ConfigDict({"batch_size": 32, "generate_examples": 2, "max_new_tokens": 48})
+    c.eval = mlc.ConfigDict({"batch_size": 50, "generate_examples": 1, "max_new_tokens": 40})
     return c
 
 
@@ -128,16 +128,17 @@ def _smoke(c: mlc.ConfigDict) -> None:
     c.zoo.intermediate_size = 64
     c.zoo.num_layers = 1
     c.zoo.pretrain = _lm_run(6, 8, 3e-3, 1)
-    c.zoo.finetune = _lm_run(3, 8, 1e-3, 1)
+    c.zoo.finetune = _lm_run(3, 4, 1e-3, 1)
     c.gate_hidden = 32
     c.loss_chunk = 16
     c.stage1 = _stage(4, 2, 1e-3, 1)
     c.stage2 = _stage(3, 2, 1e-4, 1)
-    c.trainer.save_every = 2
+    c.data.max_train_examples = 0
+    c.trainer.save_every = 0              # at the end of each run only
     c.trainer.log_every = 2
     c.eval.batch_size = 16
     c.eval.generate_examples = 1
-    c.eval.max_new_tokens = 8
+    c.eval.max_new_tokens = 4
 
 
 def _tiny(c: mlc.ConfigDict) -> None:
@@ -170,6 +171,7 @@ def _paper(c: mlc.ConfigDict) -> None:
     })
     c.data.seq_len = 2048
     c.data.max_prompt_len = 512
+    c.data.max_train_examples = 0
     c.data.max_eval_examples = 500
     c.data.mixed_eval_examples = 200
     c.loss_chunk = 256

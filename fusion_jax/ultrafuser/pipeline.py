@@ -132,6 +132,8 @@ def run_stage(stage: int, fm, train_sets: dict, c, mesh, work: Path):
     finally:
         trainer.close()
     fm.set_train_params(result.params)
+    if result.resumed_from is not None:
+        _log(f"stage {stage}: resumed from step {result.resumed_from} ({wd / 'checkpoints'})")
     f = wd / "logs" / "metrics.jsonl"
     return read_jsonl(f) if f.is_file() else []
 
@@ -180,6 +182,11 @@ def run(config) -> dict:
         tok_path = str(zoo / "tokenizer")
         tok = load_tokenizer(tok_path)
         train_ex, eval_ex = _demo_examples(zoo, c, domains)
+
+    vocab = json.loads((Path(paths[0]) / "config.json").read_text()).get("vocab_size")
+    if vocab is not None and len(tok) > int(vocab):
+        raise ConfigError(f"tokenizer {tok_path} has {len(tok)} tokens but the specialists' vocab_size is "
+                          f"{vocab} (specialists.tokenizer must be the specialists' own tokenizer)")
 
     # -- 3. render: every example in every specialist's template ---------------------------------------------
     t = time.perf_counter()

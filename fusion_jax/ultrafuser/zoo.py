@@ -77,18 +77,21 @@ def model_config(c, tok):
 
 
 def train_lm(loss_fn, params, axes, arrays: Mapping[str, np.ndarray], run, workdir: Path, mesh, seed: int,
-             trainer_cfg, desc: str, log: Callable[[str], None]):
-    """One Trainer run over rows drawn uniformly (seeded, resumable) from ``arrays``; returns
-    (params, loss curve [(step, loss)])."""
+             trainer_cfg, desc: str, log: Callable[[str], None], grad_clip: float | None = 1.0):
+    """One Trainer run; returns (params, loss curve [(step, loss)]).
+
+    ``arrays``: ``{name: [N, ...]}`` rows drawn uniformly (seeded, resumable), ``run.batch`` per step;
+    or ``{domain: {name: [N, ...]}}``: ``run.batch`` rows of EACH domain per step (balanced sampler)."""
     from fusion_jax.data.sampler import DomainBalancedSampler
     from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
     from fusion_jax.train.metrics import read_jsonl
 
-    log(f"  {desc}: {int(run.steps)} steps x {int(run.batch)} rows")
-    sampler = DomainBalancedSampler({desc: dict(arrays)}, int(run.batch), seed=seed,
+    by_domain = arrays if isinstance(next(iter(arrays.values())), Mapping) else {desc: arrays}
+    log(f"  {desc}: {int(run.steps)} steps x {int(run.batch)} rows" + (" per domain" if len(by_domain) > 1 else ""))
+    sampler = DomainBalancedSampler({k: dict(v) for k, v in by_domain.items()}, int(run.batch), seed=seed,
                                     process_index=jax.process_index(), process_count=jax.process_count())
     opt = OptimizerConfig(learning_rate=float(run.learning_rate), warmup_steps=int(run.warmup_steps),
-                          schedule="cosine", end_lr_ratio=0.1, weight_decay=0.0, grad_clip=1.0)
+                          schedule="cosine", end_lr_ratio=0.1, weight_decay=0.0, grad_clip=grad_clip)
     tc = TrainerConfig(total_steps=int(run.steps), workdir=str(workdir), seed=seed,
                        save_every=int(trainer_cfg.save_every), keep_checkpoints=int(trainer_cfg.keep_checkpoints),
                        log_every=max(1, min(int(trainer_cfg.log_every), int(run.steps))),
@@ -98,8 +101,28 @@ def train_lm(loss_fn, params, axes, arrays: Mapping[str, np.ndarray], run, workd
         result = trainer.run(sampler)
     finally:
         trainer.close()
-    rows = read_jsonl(Path(workdir) / "logs" / "metrics.jsonl") if (Path(workdir) / "logs" / "metrics.jsonl").is_file() else []
-    return result.params, [(int(r["step"]), float(r["loss"])) for r in rows if "loss" in r]
+    f = Path(workdir) / "logs" / "metrics.jsonl"
+    rows = read_jsonl(f) if f.is_file() else []
+    return result.params, rows
+
+
+def stacked_sft_loss(loss_fn, names):
+    """Loss of K models stacked on a leading axis, model k on the rows of domain ``names[k]``.
+
+    Batches come from a DomainBalancedSampler: row i belongs to domain ``sorted(names)[i % K]``."""
+    import jax.numpy as jnp
+    K = len(names)
+    order = [sorted(names).index(n) for n in names]   # model k <- sorted-domain slot order[k]
+
+    def f(params, batch, rng):
+        b = {k: v for k, v in batch.items() if k != "domain_id"}
+        b = {k: jnp.swapaxes(v.reshape((-1, K) + v.shape[1:]), 0, 1)[jnp.asarray(order)] for k, v in b.items()}
+        losses, aux = jax.vmap(lambda p, x: loss_fn(p, x, rng))(params, b)
+        out = {"num_tokens": aux["num_tokens"].sum()}
+        out.update({f"loss/{n}": losses[k] for k, n in enumerate(names)})
+        return losses.sum(), out
+
+    return f
 
 
 def _tokenizer(c, corpus: dict, work: Path, log):
@@ -158,33 +181,44 @@ def build_zoo(c, mesh, log: Callable[[str], None] = print) -> Path:
     graphdef, state = nnx.split(model, nnx.Param)
     axes = shd.state_logical_axes(state)
     loss_fn = nnx_causal_lm_loss(graphdef)
-    base, base_curve = train_lm(loss_fn, nnx.to_pure_dict(state), axes, packed, c.zoo.pretrain, work / "base",
+    base, base_rows = train_lm(loss_fn, nnx.to_pure_dict(state), axes, packed, c.zoo.pretrain, work / "base",
                                 mesh, seed, c.trainer, "pre-train base", log)
     timings["pretrain_s"] = time.perf_counter() - t
     log(f"  base: {cfg.num_params() / 1e6:.2f}M params, {len(packed['input_ids'])} packed rows of {S} tokens "
         f"({timings['pretrain_s']:.0f}s)")
 
     # -- one specialist per domain, fine-tuned in its own template ------------------------------------
-    curves = {"base": base_curve}
-    base = host_tree(base)   # host copy: each fine-tune's trainer takes (and donates) its own buffers
-    specialists = {}
-    for i, d in enumerate(names):
-        t = time.perf_counter()
+    # The three fine-tunes are independent runs of one shape; they train side by side as ONE vmapped
+    # Trainer run over params stacked on the expert axis (one compile, bigger matmuls on a small CPU):
+    # the balanced sampler gives every step `batch` rows of each domain and specialist k sees only
+    # its domain's rows. The loss is the SUM of the per-specialist means, so each specialist's gradient
+    # is exactly its own; AdamW is per parameter; clipping is off (a global norm would couple them).
+    curves = {"base": [(int(r["step"]), float(r["loss"])) for r in base_rows]}
+    base = host_tree(base)
+    t = time.perf_counter()
+    rows = {}
+    for d in names:
         tmpl = PromptTemplate(d, prompt=str(c.specialists.templates[d]))
         r = render_dataset(tok, corpus[d]["train"], tmpl, S, domains=(d,), max_prompt_len=int(c.data.max_prompt_len))
-        rows = {k: r[k] for k in ("input_ids", "attention_mask", "loss_mask")}
-        specialists[d], curves[d] = train_lm(loss_fn, base, axes, rows, c.zoo.finetune, work / f"finetune_{d}",
-                                             mesh, seed + 1 + i, c.trainer, f"fine-tune {d}", log)
-        timings[f"finetune_{d}_s"] = time.perf_counter() - t
+        rows[d] = {k: r[k] for k in ("input_ids", "attention_mask", "loss_mask")}
+    stacked0 = jax.tree.map(lambda x: np.stack([x] * len(names)), base)
+    stacked_axes = jax.tree.map(lambda ax: ("expert",) + tuple(ax), axes,
+                                is_leaf=lambda x: isinstance(x, tuple))
+    stacked, ft_curve = train_lm(stacked_sft_loss(loss_fn, names), stacked0, stacked_axes, rows,
+                                 c.zoo.finetune, work / "finetune", mesh, seed + 1, c.trainer,
+                                 "fine-tune specialists", log, grad_clip=None)
+    specialists = {d: jax.tree.map(lambda x, k=k: x[k], stacked) for k, d in enumerate(names)}
+    for d in names:
+        curves[d] = [(int(r["step"]), float(r[f"loss/{d}"])) for r in ft_curve if f"loss/{d}" in r]
+    timings["finetune_s"] = time.perf_counter() - t
 
     # -- write the zoo (process 0), atomically -----------------------------------------------------------
-    base_h = base
-    spec_h = {d: host_tree(p) for d, p in specialists.items()}
+    spec_h = host_tree(specialists)
     if is_main():
         with atomic_directory(out, overwrite=True) as tmp:
             (tmp / "corpus.json").write_text(json.dumps(corpus))
             shutil.copytree(work / "tokenizer", tmp / "tokenizer")
-            hf.save(base_h, cfg, tmp / "base", source_dir=work / "tokenizer")
+            hf.save(base, cfg, tmp / "base", source_dir=work / "tokenizer")
             for d in names:
                 hf.save(spec_h[d], cfg, tmp / d, source_dir=work / "tokenizer")
             timings["total_s"] = time.perf_counter() - t0
