@@ -435,7 +435,7 @@ class _Runner:
 
     def put(self, a: np.ndarray):
         import jax
-        if self.sharding is not None and a.shape and a.shape[0] % len(self.devices) == 0:
+        if self.sharding is not None and a.ndim == 1 and kernels.shardable_rows(a.shape[0], len(self.devices)):
             return jax.device_put(a, self.sharding)
         return jax.device_put(a, self.devices[0])
 
@@ -527,9 +527,9 @@ class _Runner:
                 for k, i in enumerate(nb):
                     if full[k]:
                         continue
-                    before[k] += float(kernels.abs_delta_sum(xs[bp], xs[i], in_dtype=in_dtype))
-                    after[k] += float(kernels.kept_abs_delta_sum(xs[bp], xs[i], streams[k], thr[k], np.uint32(lo),
-                                                                 in_dtype=in_dtype))
+                    before[k] += kernels.host_sum(kernels.abs_delta_sum(xs[bp], xs[i], in_dtype=in_dtype))
+                    after[k] += kernels.host_sum(kernels.kept_abs_delta_sum(
+                        xs[bp], xs[i], streams[k], thr[k], np.uint32(lo), in_dtype=in_dtype))
             for k in range(len(nb)):
                 if not full[k] and before[k] >= 1e-7 and after[k] >= 1e-7:
                     scales[k] = before[k] / after[k]

@@ -25,15 +25,43 @@ def _f32(x, in_dtype):
     return x.astype(jnp.float32)
 
 
+# The L1 sums are returned as one partial sum per row of ROW elements, and the host adds the partials in
+# float64. A whole-chunk ``.sum()`` would be reduced in a different order on 1 and on 8 devices (local sums,
+# then an all-reduce) and change the merged bytes; a row never straddles devices (see ``shardable_rows``)
+# and is summed by ``_row_sums`` in a fixed order, so each partial is identical whatever the mesh.
+ROW = 256
+
+
+def shardable_rows(n: int, num_devices: int) -> bool:
+    """Whether a chunk of ``n`` elements can be split over ``num_devices`` without splitting a ROW."""
+    return n % ROW == 0 and (n // ROW) % num_devices == 0
+
+
+def _row_sums(v):
+    """Per-ROW sums by a fixed pairwise tree of element-wise adds. XLA's own reduce picks its
+    association order from the local shape (measured: [16, 256] and [2, 256] rows sum differently), so it
+    would differ between meshes; element-wise adds are exact IEEE operations in a fixed order."""
+    v = v.reshape(-1, ROW)
+    while v.shape[1] > 1:
+        h = v.shape[1] // 2
+        v = v[:, :h] + v[:, h:]
+    return v[:, 0]
+
+
 @functools.partial(jax.jit, static_argnames=("in_dtype",))
 def abs_delta_sum(base, x, in_dtype=None):
-    return jnp.abs(_f32(x, in_dtype) - _f32(base, in_dtype)).sum()
+    return _row_sums(jnp.abs(_f32(x, in_dtype) - _f32(base, in_dtype)))
 
 
 @functools.partial(jax.jit, static_argnames=("in_dtype",))
 def kept_abs_delta_sum(base, x, stream, thresh, offset, in_dtype=None):
     keep = rng.bits(base.size, stream, offset) < thresh
-    return jnp.where(keep, jnp.abs(_f32(x, in_dtype) - _f32(base, in_dtype)), 0.0).sum()
+    return _row_sums(jnp.where(keep, jnp.abs(_f32(x, in_dtype) - _f32(base, in_dtype)), 0.0))
+
+
+def host_sum(partials) -> float:
+    """Deterministic float64 total of the per-row partial sums."""
+    return float(np.asarray(partials, np.float64).sum())
 
 
 @functools.partial(jax.jit, static_argnames=("random", "full", "consensus", "normalize", "in_dtype",
