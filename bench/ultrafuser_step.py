@@ -4,19 +4,21 @@ Three specialists of one Llama config plus the gate (two-layer ReLU MLP on each 
 state, softmax over specialists per token, fused logits = weighted sum, mean CE on response tokens), an
 AdamW step with global-norm clipping. Stage 1 trains the gate only, stage 2 every weight.
 
-* fusion-jax: the pipeline's own step (``fusion_jax.ultrafuser.steps.make_fused_step``: jit, donated
-  state, chunked fused CE) on specialists loaded with ``fusion_jax.hf.load_model`` and the gate with
-  ``load_gate``, i.e. the files the torch side reads.
+* fusion-jax: the pipeline's own step (``fusion_jax.train.Trainer``: jit, donated state, on
+  ``FusedModel.trainer_loss_fn``, the chunked fused CE) on specialists loaded with
+  ``fusion_jax.hf.load_model`` and the gate with ``load_gate``, i.e. the files the torch side reads.
 * PyTorch: three ``transformers.LlamaForCausalLM`` (sdpa attention) + the same gate as ``nn.Sequential``,
   ``torch.optim.AdamW(foreach=True)`` + ``clip_grad_norm_``. Stage 1 runs the frozen specialists under
   ``torch.no_grad()`` (what a torch user would write).
 
 The parent writes the weights (random, seeded) as HF checkpoints and one batch laid out like the
 pipeline's (each example in each specialist's template: left-padded prompt, response at the same
-positions, trailing padding), then runs each (framework, stage) in its own child process so that peak
-RSS is per run. Before timing, each child computes the loss and every gradient on the initial weights;
-the parent checks that both frameworks agree to float32 tolerance (a benchmark of different computations
-would be worthless) and fails otherwise.
+positions, trailing padding). Per stage, each framework first runs alone in its own process: it computes
+the loss and every gradient on the initial weights (the parent checks that both agree to float32
+tolerance -- a benchmark of different computations would be worthless -- and stops otherwise), then its
+warm-up steps; peak RSS and compile time come from there. Then one process holds both and times their
+steps alternately, so that both see the same load on a shared machine (and once more with fusion-jax's
+``scan_layers=False``, unless ``--no-unrolled``).
 
 tokens/s counts positions of the fused batch (B x S; each position runs through all K specialists).
 
@@ -128,21 +130,7 @@ def load_batch(root: Path) -> dict:
         return {k: z[k] for k in z.files}
 
 
-# -- children ----------------------------------------------------------------------------------------
-def _timed(step_once, warmup: int, steps: int, sync) -> dict:
-    t = time.perf_counter()
-    sync(step_once())
-    first = time.perf_counter() - t
-    for _ in range(max(warmup - 1, 0)):
-        sync(step_once())
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        sync(step_once())
-        times.append(time.perf_counter() - t)
-    return {"first_step_s": first, "step_s": times}
-
-
+# -- the two implementations ---------------------------------------------------------------------------
 def trainer_batch(fused: dict) -> dict:
     """The fused layout (ids/mask [K,B,S], labels/loss_mask [B,S] on predicting positions) in the layout
     the trainer's loss takes (``FusedModel.trainer_loss_fn``: ids/mask [B,K,S], loss_mask on the
@@ -153,7 +141,9 @@ def trainer_batch(fused: dict) -> dict:
             np.swapaxes(fused["attention_mask"], 0, 1), "loss_mask": lm}
 
 
-def child_jax(root: Path, a, stage: int) -> dict:
+def setup_jax(root: Path, a, stage: int, check: bool):
+    """Returns (step, info): ``step()`` runs one optimizer step to completion. With ``check``, writes the
+    loss and every gradient at the initial weights to grads_jax_s<stage>.npz first."""
     import jax
 
     from fusion_jax import hf
@@ -163,28 +153,32 @@ def child_jax(root: Path, a, stage: int) -> dict:
     from fusion_jax.ultrafuser.model import GATE, SPECIALISTS, FusedModel
 
     kw = {"dtype": a.dtype, "param_dtype": "float32"}
+    if not a.scan_layers:
+        kw["scan_layers"] = False
     models = [hf.load_model(root / n, **kw) for n in NAMES]
     gate, gcfg = load_gate(root / "gate")
     fm = FusedModel.from_models(models, NAMES, gate=gate, gate_hidden=gcfg.hidden_size)
     del models
     batch = trainer_batch(load_batch(root))
     loss_fn = fm.trainer_loss_fn(a.chunk)
-
-    # check values: loss and every gradient at the initial weights (not timed)
     params = fm.train_params()
-    if stage == 1:  # gate only, as the stage trains it
-        loss, gg = jax.jit(jax.value_and_grad(
-            lambda gt: loss_fn({SPECIALISTS: params[SPECIALISTS], GATE: gt}, batch, None)[0]))(params[GATE])
-        g = {GATE: gg}
-    else:
-        loss, g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0]))(params)
-    grads = {f"gate.{k}": np.asarray(v) for k, v in g[GATE].items()}
-    if stage == 2:
-        for k, n in enumerate(NAMES):
-            gk = jax.tree.map(lambda x: np.asarray(x[k]), g[SPECIALISTS])
-            grads.update({f"{n}.{name}": t for name, t in mapping.params_to_hf(gk, fm.config)})
-    np.savez(root / f"grads_jax_s{stage}.npz", **grads)
-    del grads, g
+    info = {"device": str(jax.devices()[0]), "platform": jax.devices()[0].platform,
+            "version": f"jax {jax.__version__}"}
+    if check:  # loss and every gradient of what the stage trains, at the initial weights (not timed)
+        if stage == 1:
+            loss, gg = jax.jit(jax.value_and_grad(
+                lambda gt: loss_fn({SPECIALISTS: params[SPECIALISTS], GATE: gt}, batch, None)[0]))(params[GATE])
+            g = {GATE: gg}
+        else:
+            loss, g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0]))(params)
+        grads = {f"gate.{k}": np.asarray(v) for k, v in g[GATE].items()}
+        if stage == 2:
+            for k, n in enumerate(NAMES):
+                gk = jax.tree.map(lambda x: np.asarray(x[k]), g[SPECIALISTS])
+                grads.update({f"{n}.{name}": t for name, t in mapping.params_to_hf(gk, fm.config)})
+        np.savez(root / f"grads_jax_s{stage}.npz", **grads)
+        info["loss"] = float(loss)
+        del grads, g
 
     # the pipeline's step: fusion_jax.train.Trainer's jitted step (donated state) on trainer_loss_fn
     opt = OptimizerConfig(learning_rate=a.lr, schedule="cosine", weight_decay=0.0, grad_clip=1.0)
@@ -192,13 +186,11 @@ def child_jax(root: Path, a, stage: int) -> dict:
     trainer = Trainer(loss_fn, params, opt, tc, trainable=r"^gate/" if stage == 1 else None,
                       param_logical_axes=fm.train_logical_axes())
     del params, fm
-    res = _timed(lambda: trainer.step_fn(batch)["loss"], a.warmup, a.steps, jax.block_until_ready)
-    res.update(loss=float(loss), device=str(jax.devices()[0]), platform=jax.devices()[0].platform,
-               version=f"jax {jax.__version__}")
-    return res
+    return (lambda: jax.block_until_ready(trainer.step_fn(batch)["loss"])), info
 
 
-def child_torch(root: Path, a, stage: int) -> dict:
+def setup_torch(root: Path, a, stage: int, check: bool):
+    """The same computation in PyTorch + transformers; same contract as :func:`setup_jax`."""
     import torch
     import transformers
     from safetensors.numpy import load_file
@@ -220,7 +212,6 @@ def child_torch(root: Path, a, stage: int) -> dict:
     b["labels"] = b["labels"].long()
     # positions = running count of real tokens (left padding), as fusion_jax's CausalLM derives them
     pos = (b["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
-    K = len(NAMES)
     for m in models:
         m.train(stage == 2)
         m.requires_grad_(stage == 2)
@@ -246,46 +237,81 @@ def child_torch(root: Path, a, stage: int) -> dict:
             return (nll * m).sum() / m.sum().clamp(min=1.0)
 
     params = list(gate.parameters()) + ([p for m in models for p in m.parameters()] if stage == 2 else [])
-    loss = loss_fn()
-    loss.backward()
-    grads = {"gate.w1": gate[0].weight.grad.T.numpy(force=True), "gate.b1": gate[0].bias.grad.numpy(force=True),
-             "gate.w2": gate[2].weight.grad[0].numpy(force=True), "gate.b2": gate[2].bias.grad[0].numpy(force=True)}
-    if stage == 2:
-        for n, m in zip(NAMES, models):
-            grads.update({f"{n}.{k}": p.grad.numpy(force=True) for k, p in m.named_parameters()})
-    np.savez(root / f"grads_torch_s{stage}.npz", **grads)
-    del grads
+    info = {"device": str(dev), "platform": dev.type,
+            "version": f"torch {torch.__version__}, transformers {transformers.__version__}"}
+    if check:
+        loss = loss_fn()
+        loss.backward()
+        grads = {"gate.w1": gate[0].weight.grad.T.numpy(force=True),
+                 "gate.b1": gate[0].bias.grad.numpy(force=True),
+                 "gate.w2": gate[2].weight.grad[0].numpy(force=True),
+                 "gate.b2": gate[2].bias.grad[0].numpy(force=True)}
+        if stage == 2:
+            for n, m in zip(NAMES, models):
+                grads.update({f"{n}.{k}": p.grad.numpy(force=True) for k, p in m.named_parameters()})
+        np.savez(root / f"grads_torch_s{stage}.npz", **grads)
+        info["loss"] = float(loss.detach())
+        del grads, loss
     opt = torch.optim.AdamW(params, lr=a.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, foreach=True)
     opt.zero_grad(set_to_none=True)
 
-    def once():
-        l = loss_fn()
-        l.backward()
+    def step():
+        loss = loss_fn()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return l
+        return float(loss.detach())
 
-    def sync(l):
-        float(l.detach())
-
-    res = _timed(once, a.warmup, a.steps, sync)
-    res.update(loss=float(loss.detach()), device=str(dev), platform=dev.type,
-               version=f"torch {torch.__version__}, transformers {transformers.__version__}")
-    return res
+    return step, info
 
 
-def run_child(fw: str, stage: int, root: Path, argv: list[str]) -> dict:
-    """Run one (framework, stage) in a fresh process; returns its result with wall time and peak RSS."""
-    out = root / f"result_{fw}_s{stage}.json"
-    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", fw, "--stage", str(stage),
+SETUP = {"jax": setup_jax, "torch": setup_torch}
+
+
+def _time(step) -> float:
+    t = time.perf_counter()
+    step()
+    return time.perf_counter() - t
+
+
+def child_isolated(root: Path, a, fw: str, stage: int) -> dict:
+    """One framework alone: the check values, compile/first-step time, then the warm-up steps (so that
+    peak RSS covers training)."""
+    step, info = SETUP[fw](root, a, stage, check=True)
+    info["first_step_s"] = _time(step)
+    for _ in range(max(a.warmup - 1, 0)):
+        step()
+    return info
+
+
+def child_paired(root: Path, a, stage: int) -> dict:
+    """Both frameworks in one process, timed step by step in alternation, so that both see the same load
+    on a shared machine; warm-up steps excluded."""
+    steps = {fw: SETUP[fw](root, a, stage, check=False)[0] for fw in ("jax", "torch")}
+    for _ in range(a.warmup):
+        for fw in steps:
+            steps[fw]()
+    times = {fw: [] for fw in steps}
+    for i in range(a.steps):
+        for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
+            times[fw].append(_time(steps[fw]))
+        print(f"  stage {stage} timed step {i + 1}/{a.steps}: jax {times['jax'][-1]:.2f} s, "
+              f"torch {times['torch'][-1]:.2f} s", flush=True)
+    return {"step_s": times}
+
+
+def run_child(mode: str, stage: int, root: Path, argv: list[str]) -> dict:
+    """Run one child (``jax`` / ``torch`` isolated, or ``paired``) in a fresh process; returns its result
+    with wall time and peak RSS."""
+    out = root / f"result_{mode}_s{stage}.json"
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", mode, "--stage", str(stage),
            "--workdir", str(root)]
     t = time.perf_counter()
     proc = subprocess.Popen(cmd)
     _, status, ru = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"child {fw} stage {stage} failed (exit {proc.returncode})")
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"child {mode} stage {stage} failed (status {status})")
     res = json.loads(out.read_text())
     res["wall_s"] = time.perf_counter() - t
     res["peak_rss_gb"] = ru.ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
@@ -322,29 +348,27 @@ def machine() -> str:
             f"load average {load:.1f} at the start of the run")
 
 
-def table(a, results: dict, checks: dict) -> list[str]:
+def table(a, iso: dict, paired: dict, checks: dict) -> list[str]:
     B, S = a.bpd * len(NAMES), a.seq
-    lines = ["| stage | framework | step s (median) | tokens/s | peak RSS GB | first step s (compile) |",
-             "|---|---|---|---|---|---|"]
-    for stage in (1, 2):
-        for fw in ("jax", "torch"):
-            r = results.get((fw, stage))
-            if r is None:
+    labels = {"torch": "PyTorch + transformers", "jax": "fusion-jax", "jax_unrolled": "fusion-jax, scan_layers=False"}
+    lines = ["| stage | framework | step s (median) | tokens/s | ratio to PyTorch | peak RSS GB | first step s |",
+             "|---|---|---|---|---|---|---|"]
+    for stage, pr in sorted(paired.items()):
+        tt = float(np.median(pr["step_s"]["torch"]))
+        for fw in ("torch", "jax", "jax_unrolled"):
+            if fw not in pr["step_s"]:
                 continue
-            med = float(np.median(r["step_s"]))
-            label = "fusion-jax" if fw == "jax" else "PyTorch + transformers"
-            lines.append(f"| {stage} | {label} | {med:.3f} | {B * S / med:,.0f} | {r['peak_rss_gb']:.2f} | "
-                         f"{r['first_step_s']:.1f} |")
+            med = float(np.median(pr["step_s"][fw]))
+            r = iso.get((fw, stage), {})
+            rss = f"{r['peak_rss_gb']:.2f}" if r else "-"
+            first = f"{r['first_step_s']:.1f}" if r else "-"
+            lines.append(f"| {stage} | {labels[fw]} | {med:.3f} | {B * S / med:,.0f} | "
+                         f"{'1' if fw == 'torch' else f'**{tt / med:.2f}x**'} | {rss} | {first} |")
     lines.append("")
-    for stage in (1, 2):
-        if ("jax", stage) in results and ("torch", stage) in results:
-            tj = float(np.median(results[("jax", stage)]["step_s"]))
-            tt = float(np.median(results[("torch", stage)]["step_s"]))
-            c = checks[stage]
-            lines.append(f"- stage {stage}: fusion-jax / PyTorch tokens/s = **{tt / tj:.2f}x**; same loss "
-                         f"({c['loss_jax']:.6f} vs {c['loss_torch']:.6f}, |diff| {c['loss_abs_diff']:.1e}), "
-                         f"{c['n_grad_tensors']} gradient tensors agree to max relative error "
-                         f"{c['grad_max_rel_err']:.1e} ({c['grad_worst_tensor']})")
+    for stage, c in sorted(checks.items()):
+        lines.append(f"- stage {stage} parity: loss {c['loss_jax']:.6f} (fusion-jax) vs {c['loss_torch']:.6f} "
+                     f"(PyTorch), |diff| {c['loss_abs_diff']:.1e}; {c['n_grad_tensors']} gradient tensors agree "
+                     f"to a max relative error of {c['grad_max_rel_err']:.1e} ({c['grad_worst_tensor']})")
     return lines
 
 
@@ -357,6 +381,18 @@ def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
     path.write_text(new)
+
+
+NOTES = """\
+Why stage 1 and stage 2 differ: in stage 1 PyTorch runs the frozen specialists under `no_grad` and
+keeps their full [K, B, S, V] logits for the gate's backward, while fusion-jax never holds more than one
+sequence chunk of them and recomputes each chunk's logits (the K lm_head matmuls, about a third of the
+specialists' forward FLOPs here) in the backward pass: memory bounded by the chunk, paid for with
+compute, and XLA:CPU's matmuls are slower than PyTorch's oneDNN/MKL ones on this CPU. In stage 2 the
+PyTorch eager backward through three models and the [K, B, S, V] mixture dominates, and one jitted XLA
+program (fused elementwise work, donated buffers, no autograd bookkeeping) wins. `scan_layers=False`
+(a `ModelConfig` field; the pipeline loads specialists with the default, `True`) unrolls the layer loop:
+on XLA:CPU that avoids the while loop's per-layer dynamic slices and stacked residuals."""
 
 
 def main():
@@ -374,21 +410,24 @@ def main():
     ap.add_argument("--chunk", type=int, default=128, help="sequence chunk of the fused loss (JAX)")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype")
     ap.add_argument("--lr", type=float, default=1e-5)
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps (the first one compiles)")
-    ap.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per framework (the first compiles)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per framework (median reported)")
     ap.add_argument("--stages", default="1,2")
+    ap.add_argument("--no-unrolled", action="store_true",
+                    help="do not also time fusion-jax with scan_layers=False")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak (dense, compute dtype): MFU")
     ap.add_argument("--write", action="store_true", help=f"rewrite BENCHMARKS.md's '{SECTION}' section")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true", help="keep the workdir (inputs, gradients, results)")
-    ap.add_argument("--child", choices=("jax", "torch"), help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=("jax", "torch", "paired"), help=argparse.SUPPRESS)
     ap.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--scan-layers", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
 
     if a.child:
         root = Path(a.workdir)
-        res = (child_jax if a.child == "jax" else child_torch)(root, a, a.stage)
+        res = child_paired(root, a, a.stage) if a.child == "paired" else child_isolated(root, a, a.child, a.stage)
         (root / f"result_{a.child}_s{a.stage}.json").write_text(json.dumps(res))
         return
 
@@ -398,39 +437,46 @@ def main():
     mach = machine()
     stages = [int(s) for s in a.stages.split(",")]
     B, S, K = a.bpd * len(NAMES), a.seq, len(NAMES)
-    results, checks = {}, {}
+    iso, paired, checks = {}, {}, {}
     try:
         t = time.perf_counter()
         make_inputs(root, a)
         print(f"inputs: {K} x Llama d={a.hidden} ff={a.inter} L={a.layers} heads={a.heads}/{a.kv_heads} "
               f"V={a.vocab}, batch {B} x {S} ({time.perf_counter() - t:.1f} s)", flush=True)
         for stage in stages:
+            # 1. each framework alone: parity values, first step (compile), peak RSS
             for fw in ("torch", "jax"):
-                r = run_child(fw, stage, root, argv)
-                results[(fw, stage)] = r
-                med = float(np.median(r["step_s"]))
-                print(f"stage {stage} {fw:5s}: median step {med:.3f} s, {B * S / med:,.0f} tok/s, "
-                      f"first step {r['first_step_s']:.1f} s, peak RSS {r['peak_rss_gb']:.2f} GB, "
-                      f"loss {r['loss']:.6f}", flush=True)
-            checks[stage] = c = compare(root, stage, results[("jax", stage)], results[("torch", stage)])
+                r = iso[(fw, stage)] = run_child(fw, stage, root, argv)
+                print(f"stage {stage} {fw:5s} alone: loss {r['loss']:.6f}, first step {r['first_step_s']:.1f} s, "
+                      f"peak RSS {r['peak_rss_gb']:.2f} GB", flush=True)
+            checks[stage] = c = compare(root, stage, iso[("jax", stage)], iso[("torch", stage)])
             tol = 1e-4 if a.dtype == "float32" else 5e-2
             ok = c["loss_abs_diff"] <= tol * max(1.0, abs(c["loss_torch"])) and c["grad_max_rel_err"] <= 10 * tol
-            print(f"stage {stage} check: loss {c['loss_jax']:.6f} (jax) vs {c['loss_torch']:.6f} (torch); "
+            print(f"stage {stage} parity: loss {c['loss_jax']:.6f} (jax) vs {c['loss_torch']:.6f} (torch); "
                   f"max grad rel err {c['grad_max_rel_err']:.2e} ({c['grad_worst_tensor']}) -> "
                   f"{'OK' if ok else 'MISMATCH'}", flush=True)
             if not ok:
                 raise SystemExit(f"stage {stage}: the two frameworks do not compute the same loss/gradients")
+            # 2. timing: both in one process, steps alternating
+            pr = paired[stage] = run_child("paired", stage, root, argv)
+            if not a.no_unrolled:
+                un = run_child("paired", stage, root, argv + ["--scan-layers", "0"])
+                pr["step_s"]["jax_unrolled"] = un["step_s"]["jax"]
+                pr["step_s"]["torch_during_unrolled"] = un["step_s"]["torch"]
+            med = {fw: float(np.median(v)) for fw, v in pr["step_s"].items()}
+            print(f"stage {stage} timed: " + ", ".join(f"{fw} {B * S / m:,.0f} tok/s" for fw, m in med.items()),
+                  flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
 
-    rj = results[("jax", stages[-1])]
+    rj, rt = iso[("jax", stages[-1])], iso[("torch", stages[-1])]
     fl = {s: flops_per_token(a, s) for s in stages}
-    print(f"\nmachine: {mach}\njax: {rj['version']} on {rj['device']}; "
-          f"{results[('torch', stages[-1])]['version']}\n")
-    lines = table(a, results, checks)
+    print(f"\nmachine: {mach}\n{rj['version']} on {rj['device']}; {rt['version']}\n")
+    lines = table(a, iso, paired, checks)
     print("\n".join(lines))
-    print("\nModel FLOPs per fused-batch token (" + flops_per_token.__doc__.split("\n\n")[1].strip() + ")")
+    print("\nModel FLOPs per fused-batch token: stage 2 K(6N + 12 L S q + 6G) + 6KV, stage 1 K(2N + 4 L S q + 4G) "
+          "+ 4KV (N: matmul params per specialist incl. lm_head, G: gate params; see flops_per_token)")
     for s in stages:
         print(f"  stage {s}: {fl[s]['flops_per_token'] / 1e6:.1f} MFLOP/token "
               f"(N = {fl[s]['N_matmul_per_specialist'] / 1e6:.2f}M matmul params per specialist)")
@@ -438,48 +484,57 @@ def main():
     if rj["platform"] in ("gpu", "cuda", "tpu") and a.peak_tflops > 0:
         for s in stages:
             for fw in ("jax", "torch"):
-                tok_s = B * S / float(np.median(results[(fw, s)]["step_s"]))
+                tok_s = B * S / float(np.median(paired[s]["step_s"][fw]))
                 mfu[(fw, s)] = tok_s * fl[s]["flops_per_token"] / (a.peak_tflops * 1e12)
                 print(f"  MFU stage {s} {fw}: {100 * mfu[(fw, s)]:.1f}% of {a.peak_tflops:g} TFLOP/s")
     elif rj["platform"] in ("gpu", "cuda", "tpu"):
         print("  (pass --peak-tflops for MFU)")
     print(json.dumps({"machine": mach, "args": {k: v for k, v in vars(a).items() if k not in ("child", "stage")},
-                      "results": {f"{fw}_s{s}": r for (fw, s), r in results.items()},
-                      "checks": checks, "flops_per_token": {s: f["flops_per_token"] for s, f in fl.items()},
+                      "isolated": {f"{fw}_s{s}": r for (fw, s), r in iso.items()},
+                      "paired": {f"s{s}": r for s, r in paired.items()}, "checks": checks,
+                      "flops_per_token": {s: f["flops_per_token"] for s, f in fl.items()},
                       "mfu": {f"{fw}_s{s}": v for (fw, s), v in mfu.items()}}))
 
     if a.write:
         hd = a.hidden // a.heads
-        n_total = K * (a.layers * (a.hidden * hd * (a.heads + 2 * a.kv_heads) + hd * a.heads * a.hidden
-                                   + 3 * a.hidden * a.inter + 2 * a.hidden) + 2 * a.vocab * a.hidden + a.hidden)
-        n_total += a.hidden * a.gate_hidden + 2 * a.gate_hidden + 1
-        cmd = "python bench/ultrafuser_step.py " + " ".join(argv) + (" --write" if argv else "--write")
+        n_spec = a.layers * (a.hidden * hd * (a.heads + 2 * a.kv_heads) + hd * a.heads * a.hidden
+                             + 3 * a.hidden * a.inter + 2 * a.hidden) + 2 * a.vocab * a.hidden + a.hidden
+        n_gate = a.hidden * a.gate_hidden + 2 * a.gate_hidden + 1
+        cmd = " ".join(["python bench/ultrafuser_step.py", *argv, "--write"])
         text = "\n".join([
             SECTION, "",
-            f"`{cmd.strip()}` — one UltraFuser train step (AdamW, clip 1.0): stage 1 trains the gate only, stage 2 "
-            f"every weight. {K} specialists of one Llama config (d={a.hidden}, ff={a.inter}, {a.layers} layers, "
-            f"{a.heads} heads of {hd}, vocab {a.vocab}; {n_total / 1e6:.1f}M params with the gate, hidden "
-            f"{a.gate_hidden}), batch {a.bpd} per domain x {K} domains = {B} examples x {S} tokens (prompt "
-            f"{a.prompt_len} left-padded, response after it; CE on response tokens), {a.dtype}. fusion-jax: the "
-            f"pipeline's `make_fused_step` (jit, donated state, fused CE chunked by {a.chunk}); PyTorch: three "
-            "`transformers.LlamaForCausalLM` (sdpa) + the gate as `nn.Sequential`, `AdamW(foreach=True)`, "
-            "specialists under `no_grad` in stage 1. Each run in its own process (peak RSS per run); "
-            f"{a.warmup} warm-up steps excluded, median of {a.steps} timed steps. tokens/s = B x S positions "
-            "of the fused batch per second (each runs through all three specialists).", "",
-            f"Machine: {mach}; shared with other jobs at the time, so absolute numbers move from run to run "
-            f"(the two frameworks ran back to back, torch first). {rj['version']}; "
-            f"{results[('torch', stages[-1])]['version']}. Measured {time.strftime('%Y-%m-%d')}.", "",
+            f"`{cmd}` — one UltraFuser train step (AdamW, global-norm clip 1.0): stage 1 trains the gate only, "
+            f"stage 2 every weight. {K} specialists of one Llama config (d={a.hidden}, ff={a.inter}, {a.layers} "
+            f"layers, {a.heads} heads of {hd}, vocab {a.vocab}: {n_spec / 1e6:.2f}M params each) + the gate "
+            f"(hidden {a.gate_hidden}, {n_gate / 1e3:.0f}k params); batch {a.bpd} per domain x {K} domains = {B} "
+            f"examples x {S} tokens, each example in each specialist's row (prompt up to {a.prompt_len} tokens, "
+            f"left-padded; response after it, CE on response tokens only), {a.dtype}.", "",
+            "- fusion-jax: the pipeline's step, i.e. `fusion_jax.train.Trainer` (jit, donated state) on "
+            f"`FusedModel.trainer_loss_fn` (vmapped specialists, fused CE chunked by {a.chunk} positions); "
+            "specialists loaded with `fusion_jax.hf.load_model` from the torch checkpoints.",
+            "- PyTorch: three `transformers.LlamaForCausalLM` (sdpa attention) + the gate as `nn.Sequential`, "
+            "softmax-weighted logits, `AdamW(foreach=True)` + `clip_grad_norm_`; stage 1 runs the specialists "
+            "under `no_grad`.",
+            "- Parity first: each framework alone, in its own process, computes the loss and every gradient on "
+            "the same weights and batch (the run stops on a mismatch beyond float32 tolerance), then runs its "
+            "warm-up steps: peak RSS and the first step (compile for JAX) come from that process.",
+            f"- Timing: both frameworks in one process, steps alternating (so both see the same load), {a.warmup} "
+            f"warm-up steps each excluded, median of {a.steps} timed steps. tokens/s = B x S positions of the "
+            "fused batch per second (each position runs through all three specialists).", "",
+            f"Machine: {mach}; the 2 cores were shared with other jobs during the run, so absolute numbers move "
+            f"from run to run (ratios are taken from alternating steps). {rj['version']}; {rt['version']}. "
+            f"Measured {time.strftime('%Y-%m-%d')}.", "",
             *lines, "",
-            "Before timing, both compute the loss and every gradient on the same weights (the torch "
-            "checkpoints, loaded into fusion-jax by `fusion_jax.hf.load_model`) and the same batch; the run "
-            "stops if they differ beyond float32 tolerance.", "",
+            NOTES, "",
             "No GPU or TPU was lent to this task, so MFU of stage 2 on an accelerator is not measured here. "
-            "The script prints MFU when JAX runs on a GPU/TPU and `--peak-tflops` is given, with model FLOPs "
-            "per fused-batch token (K specialists, S sequence length, recomputation not counted):", "",
-            "- N = L(Dq + 2D kv + qD + 3DF) + DV matmul params per specialist (lm_head in, embedding lookup out), "
-            "G = D Hg + Hg for the gate",
+            "The script prints MFU when JAX runs on a GPU/TPU and `--peak-tflops` is given, from the model FLOPs "
+            "per fused-batch token (K specialists, S sequence length, q = heads x head_dim, kv = kv_heads x "
+            "head_dim, V vocabulary; recomputation not counted):", "",
+            "- per specialist N = L(Dq + 2D kv + qD + 3DF) + DV matmul params (lm_head in, embedding lookup out); "
+            "gate G = D Hg + Hg",
             "- stage 2: K(6N + 12 L S q + 6G) + 6KV; stage 1: K(2N + 4 L S q + 4G) + 4KV",
-            f"- at these sizes: stage 2 {fl.get(2, fl[stages[-1]])['flops_per_token'] / 1e6:.1f} MFLOP/token",
+            "- at these sizes: " + "; ".join(f"stage {s} {fl[s]['flops_per_token'] / 1e6:.1f} MFLOP/token"
+                                             for s in stages),
             "",
         ])
         write_section(text)
