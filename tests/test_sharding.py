@@ -62,7 +62,7 @@ def test_logical_to_spec_and_fallback():
 
 _PARITY_SCRIPT = textwrap.dedent("""
     import os, json, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from fusion_jax import sharding as sh
@@ -100,7 +100,9 @@ _PARITY_SCRIPT = textwrap.dedent("""
 
 
 def _run_8dev(script: str, timeout=300) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    # 8 simulated devices; XLA:CPU backend optimisation off: tiny models, compile time is the whole cost
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
     p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
     assert p.returncode == 0, p.stderr[-4000:]
     line = [l for l in p.stdout.splitlines() if l.startswith("RESULT")][-1]

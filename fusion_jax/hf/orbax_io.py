@@ -52,8 +52,11 @@ def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
     if not f.is_file() or not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(f"{path}: not a fusion-jax Orbax params checkpoint "
                               f"(expected {CONFIG_NAME} and {PARAMS_DIR}/)")
-    hf = json.loads(f.read_text())
-    extra = hf.pop("fusion_jax", {}) or {}
+    try:
+        hf = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: cannot parse ({e})") from e
+    extra = (hf.pop("fusion_jax", {}) if isinstance(hf, dict) else {}) or {}
     config = read_config(f)  # validates architecture etc.
     return config.replace(**{k: v for k, v in extra.items() if k in ("param_dtype", "dtype")})
 
