@@ -24,7 +24,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("convert", "fusion_jax.hf.cli", "convert checkpoints between HF safetensors and Orbax"),
     ("merge", "fusion_jax.merging.cli", "merge models per a mergekit-style YAML config"),
     ("dare", "fusion_jax.merging.cli", "DARE one fine-tune onto its base (drop and rescale its delta)"),
-    ("train", "fusion_jax.train.cli", "train a model from an ml_collections config"),
+    ("train", "fusion_jax.train.cli",
+     "train per an ml_collections config (--config=PATH[:PRESET], --config.a.b=VALUE overrides)"),
 )
 
 
