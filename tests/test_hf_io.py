@@ -251,3 +251,45 @@ def test_save_rejects_params_that_disagree_with_config(src, tmp_path):
     with pytest.raises(MissingTensorError, match="model.norm.weight"):
         save(params, config, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# -- the read path's pieces ------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+def test_transpose_into_odd_shapes_and_strided_destination(dtype):
+    from fusion_jax.hf.mapping import transpose2d, transpose_into
+    rng = np.random.RandomState(0)
+    for shape in [(37, 5), (1, 19), (100, 33), (16, 16), (17, 1)]:
+        a = (rng.standard_normal(shape) * 50).astype(np.dtype(dtype) if dtype != "bfloat16"
+                                                       else __import__("ml_dtypes").bfloat16)
+        np.testing.assert_array_equal(transpose2d(a), a.T)
+        big = np.zeros((shape[1] + 3, shape[0] + 9), a.dtype)
+        transpose_into(big[2:2 + shape[1], 4:4 + shape[0]], a)   # a strided view, as a shard slot
+        np.testing.assert_array_equal(big[2:2 + shape[1], 4:4 + shape[0]], a.T)
+        assert not big[:2].any() and not big[:, :4].any() and not big[:, 4 + shape[0]:].any()
+
+
+def test_reader_callback_chunks_slices_and_casts(tmp_path_factory, monkeypatch):
+    """Every (layer, row, column) slice a device shard can ask for, read in many tiny chunks, with and
+    without a cast, equals the same slice of the whole param (dims deliberately not multiples of 16)."""
+    import jax
+
+    from fusion_jax.hf import checkpoint, mapping
+    path = cached_tiny_hf_model(tmp_path_factory, "llama", intermediate_size=50, vocab_size=83)
+    ref = load(path)[1]
+    monkeypatch.setattr(checkpoint, "_CHUNK_BYTES", 300)       # a few rows per pread
+    config, chunked = load(path)
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(ref)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    reader = checkpoint._open_reader(path)
+    try:
+        for row in mapping.table(config):
+            full = np.asarray(mapping.get_path(ref, row.path))
+            for dt in (np.dtype(np.float32), np.dtype("bfloat16")):
+                cb = checkpoint._reader_callback(reader, row, config, dt)
+                idx = tuple(slice(n // 3, n - n // 4) for n in full.shape)  # interior slice on every axis
+                got = cb(idx)
+                assert got.dtype == dt and got.ctypes.data % checkpoint._HOST_ALIGN == 0
+                np.testing.assert_array_equal(got, full[idx].astype(dt))
+                np.testing.assert_array_equal(cb(()), full.astype(dt))
+    finally:
+        reader.close()
