@@ -89,7 +89,8 @@ def test_train_py_runs_the_toy_method_end_to_end(tmp_path):
     env = dict(_ENV, XLA_FLAGS="--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
     p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config=configs/toy.py",
                         f"--config.workdir={work}", "--config.trainer.total_steps=2",
-                        "--config.trainer.save_every=2", "--config.model.layers=1"],
+                        "--config.trainer.save_every=2", "--config.model.layers=1",
+                        "--config.trainer.tensorboard=False"],
                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "toy: 2 steps, final loss" in p.stdout

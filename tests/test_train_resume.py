@@ -18,7 +18,7 @@ _ENV = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
 
 def _cmd(workdir, out, *extra):
     return [sys.executable, "-m", "fusion_jax.train.toy", "--workdir", str(workdir), "--steps", "12",
-            "--save-every", "3", "--out", str(out), *extra]
+            "--save-every", "3", "--out", str(out), "--no-tensorboard", *extra]
 
 
 def _result(stdout: str) -> dict:

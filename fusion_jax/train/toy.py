@@ -123,7 +123,8 @@ def get_config(preset: str | None = None):
     c.data = mlc.ConfigDict({"num_examples": 64, "batch_size": 8, "seq_len": 16, "seed": 1})
     c.optimizer = mlc.ConfigDict({"learning_rate": 1e-2, "warmup_steps": 2, "weight_decay": 0.01})
     c.trainer = mlc.ConfigDict({"total_steps": 20, "save_every": 4, "keep_checkpoints": 3, "log_every": 1,
-                                "grad_accum_steps": 1, "async_checkpointing": True, "progress": True})
+                                "grad_accum_steps": 1, "async_checkpointing": True, "progress": True,
+                                "tensorboard": True})
     c.mesh = mlc.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     # multi-process: set all three (or the FUSION_* environment variables)
     c.distributed = mlc.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--sync", action="store_true", help="synchronous checkpointing")
+    ap.add_argument("--no-tensorboard", action="store_true",
+                    help="JSONL metrics only (tensorboardX imports torch when it is installed: seconds)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
 
@@ -195,7 +198,8 @@ def main(argv=None) -> int:
     c.workdir = a.workdir
     c.data.batch_size, c.data.seq_len = a.batch, a.seq
     c.trainer.update(total_steps=a.steps, save_every=a.save_every, keep_checkpoints=a.keep,
-                     grad_accum_steps=a.grad_accum, async_checkpointing=not a.sync, progress=False)
+                     grad_accum_steps=a.grad_accum, async_checkpointing=not a.sync, progress=False,
+                     tensorboard=not a.no_tensorboard)
     if a.mesh:
         c.mesh = {k: int(v) for k, v in (kv.split("=") for kv in a.mesh.split(","))}
     c.distributed.update(coordinator_address=a.coordinator, num_processes=a.num_processes, process_id=a.process_id)
