@@ -19,9 +19,10 @@ Data protocol (what ``run(data)`` accepts)
     holding **this process's share** of the global batch (``B / process_count`` rows; see
     ``distributed.process_batch_slice``). For exact resume the iterator should offer
     ``get_state() -> dict | bytes | str`` (JSON-serializable) and ``set_state(state)``: grain's
-    ``DatasetIterator`` and ``DataLoaderIterator`` do. Without them the trainer records how many
-    batches were consumed and on resume skips that many from a fresh iterator (correct for any
-    deterministic iterable, at the cost of re-reading). One batch is consumed per optimizer step
+    ``DatasetIterator`` and ``DataLoaderIterator`` do, and so does
+    ``fusion_jax.data.sampler.DomainBalancedSampler`` (state ``{"step": t}``). Without them the trainer
+    records how many batches were consumed and on resume skips that many from a fresh iterator (correct
+    for any deterministic iterable, at the cost of re-reading). One batch is consumed per optimizer step
     (gradient accumulation splits it into ``grad_accum_steps`` microbatches).
 
 Checkpoints: see ``checkpointing.py`` for the layout. Metrics: ``<workdir>/logs/metrics.jsonl`` and
