@@ -54,6 +54,18 @@ def test_jsonl_json_parquet_csv_and_directory(tmp_path, cache):
     assert got == _expected(ROWS, "math")
 
 
+def test_directory_with_split_files(tmp_path, cache):
+    d = tmp_path / "ds"
+    d.mkdir()
+    _jsonl(d / "train-00000-of-00002.jsonl", ROWS[:1])
+    _jsonl(d / "train-00001-of-00002.jsonl", ROWS[1:2])
+    _jsonl(d / "test.jsonl", ROWS[2:])
+    assert load_examples(d, domain="x", cache_dir=cache) == _expected(ROWS[:2], "x")
+    assert load_examples(d, split="test", domain="x", cache_dir=cache) == _expected(ROWS[2:], "x")
+    with pytest.raises(DataError, match=r"ds: no files of split 'validation' \(files are named for splits test, train\)"):
+        load_examples(d, split="validation", domain="x", cache_dir=cache)
+
+
 def test_chat_rows(tmp_path, cache):
     rows = [
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"}]},

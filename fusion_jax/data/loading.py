@@ -1,7 +1,7 @@
 """Reading instruction/response examples with Hugging Face ``datasets``.
 
 :func:`load_examples` reads a local ``.json`` / ``.jsonl`` / ``.parquet`` / ``.csv`` file, a directory of
-them (sorted by name), or, for users with a network, a Hub dataset name (passed to
+them (sorted by name; only the requested split's files when they are named for splits), or, for users with a network, a Hub dataset name (passed to
 ``datasets.load_dataset(name, split=split)``). It returns plain dicts::
 
     {"prompt": str, "response": str, "domain": str}                       # prompt/response rows
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -36,7 +37,7 @@ def load_examples(source: str | os.PathLike, *, split: str = "train", domain: st
     """Examples from a local file, a directory of files, or a Hub dataset name (see the module doc).
 
     ``domain`` labels every example; without it each row's ``domain_field`` is used. ``split`` selects
-    the split of a Hub dataset (a local file is one split). ``limit`` keeps the first ``limit`` examples.
+    the split of a Hub dataset or of a directory with split-named files (a single file is one split). ``limit`` keeps the first ``limit`` examples.
     ``cache_dir``: where ``datasets`` keeps its Arrow cache (default: its own).
     """
     if limit is not None and limit < 0:
@@ -72,8 +73,17 @@ def group_by_domain(examples: Sequence[dict], domains: Sequence[str]) -> dict[st
 
 # ------------------------------------------------------------------------------------ sources ----
 
-def local_files(path: str | os.PathLike) -> list[Path]:
-    """The data files a local path names: the file itself, or a directory's supported files by name."""
+_SPLIT_NAMES = ("train", "validation", "valid", "eval", "dev", "test")
+_SPLIT_RE = re.compile(r"^(%s)(?:$|[-._ ]\w*)" % "|".join(_SPLIT_NAMES), re.IGNORECASE)
+
+
+def local_files(path: str | os.PathLike, split: str = "train") -> list[Path]:
+    """The data files a local path names: the file itself, or a directory's supported files by name.
+
+    In a directory whose files are named after splits (``train.jsonl``, ``test-00000-of-00002.parquet``,
+    ``eval_math.json``...), only the files of ``split`` are read, as ``datasets`` does; a directory of
+    other names is one split.
+    """
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"{p}: no such file or directory")
@@ -81,6 +91,16 @@ def local_files(path: str | os.PathLike) -> list[Path]:
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in FORMATS)
         if not files:
             raise DataError(f"{p}: directory holds no {'/'.join(FORMATS)} files")
+        by_split: dict[str, list[Path]] = {}
+        for f in files:
+            m = _SPLIT_RE.match(f.stem)
+            if m:
+                by_split.setdefault(m.group(1).lower(), []).append(f)
+        if by_split:
+            if split.lower() not in by_split:
+                raise DataError(f"{p}: no files of split {split!r} (files are named for splits "
+                                f"{', '.join(sorted(by_split))})")
+            return by_split[split.lower()]
         return files
     if p.suffix.lower() not in FORMATS:
         raise DataError(f"{p}: unsupported file type {p.suffix!r} (expected one of {', '.join(FORMATS)})")
@@ -119,7 +139,7 @@ def _tables(src: str, split: str, cache_dir) -> Iterator[tuple[str, Any]]:
                                 f"(split {split!r}): {type(e).__name__}: {_first_line(e)}") from e
         yield f"{src}[{split}]", ds
         return
-    for f in local_files(src):
+    for f in local_files(src, split):
         if f.stat().st_size == 0:
             raise DataError(f"{f}: file is empty")
         builder = FORMATS[f.suffix.lower()]
