@@ -164,3 +164,16 @@ def test_next_token_ce_matches_reference():
     seg = np.array([[1, 1, 1, 2, 2], [1, 1, 1, 1, 1]])
     _, aux2 = next_token_ce(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(seg))
     assert float(aux2["num_tokens"]) == n - 1
+
+
+def test_bad_batches_are_config_errors():
+    def loss_fn(params, batch, rng):
+        return jnp.sum(params["w"] ** 2) * jnp.mean(batch["x"]), {}
+
+    tr = Trainer(loss_fn, {"w": np.ones(3, np.float32)}, OptimizerConfig(),
+                 TrainerConfig(total_steps=2, grad_accum_steps=4, progress=False))
+    with pytest.raises(ConfigError, match=r"trainer.grad_accum_steps: the global batch of 6 rows does not split "
+                                          r"into 4 microbatches"):
+        tr.run([{"x": np.ones((6, 2), np.float32)}])
+    with pytest.raises(ConfigError, match=r"batch: every array needs the same leading \(batch\) dim"):
+        tr.run([{"x": np.ones((4, 2), np.float32), "y": np.ones((3,), np.float32)}])

@@ -215,6 +215,15 @@ class Trainer:
 
     def to_global(self, local_batch: Any) -> tuple[Any, Any]:
         gshape = self._global_shape_batch(local_batch)
+        # checked here, before tracing, so that a bad batch is a ConfigError and not a trace-time error
+        shapes = {jax.tree_util.keystr(k): x.shape for k, x in jax.tree_util.tree_leaves_with_path(gshape)}
+        rows = {s[0] if s else None for s in shapes.values()}
+        if len(rows) != 1 or None in rows:
+            raise ConfigError(f"batch: every array needs the same leading (batch) dim; global shapes {shapes}")
+        n = rows.pop()
+        if n % self.config.grad_accum_steps:
+            raise ConfigError(f"trainer.grad_accum_steps: the global batch of {n} rows does not split into "
+                              f"{self.config.grad_accum_steps} microbatches")
         sh = self.batch_shardings(gshape)
         return distributed.global_batch(local_batch, sh), sh
 
