@@ -62,7 +62,7 @@ def test_train_py_missing_config_file_and_bad_override(tmp_path):
 
 def test_fusion_jax_train_subcommand_without_jax_at_parser_build(tmp_path):
     cfg = _write_config(tmp_path)
-    p = _run("-c", "import sys, fusion_jax.cli as c; c.build_parser(); print('jax' in sys.modules)")
+    p = _run("-c", "import sys, fusion_jax.cli as c; c.build_parser('train'); print('jax' in sys.modules)")
     assert p.returncode == 0 and p.stdout.strip() == "False", p.stderr
     p = _run("-m", "fusion_jax.cli", "train", f"--config={cfg}:fast", "--config.method=zzz")
     assert p.returncode == 2 and "error: config.method: 'zzz' is not a known method" in p.stderr, p.stderr
