@@ -67,8 +67,12 @@ def load_config(argv: Sequence[str], default: str = DEFAULT_CONFIG):
     ``absl.flags.FLAGS``). Raises :class:`ConfigError` for a config file that does not exist or does not
     load, an unknown preset or field, a malformed value, or any other argument.
     """
-    stray = [a for i, a in enumerate(argv) if not (a.startswith(("--config", "--flagfile"))
-                                                   or (i and argv[i - 1] in ("--config", "--flagfile")))]
+    def is_flag(a: str) -> bool:
+        return a.startswith(("--config", "--flagfile"))
+
+    # a word that is not a flag is only allowed as the value of the flag before it ("--config PATH")
+    stray = [a for i, a in enumerate(argv) if not is_flag(a)
+             and not (i and is_flag(argv[i - 1]) and "=" not in argv[i - 1])]
     if stray:
         raise ConfigError(f"unexpected argument {stray[0]!r}; expected --config=PATH[:PRESET] and "
                           "--config.FIELD=VALUE overrides")
