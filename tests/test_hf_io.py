@@ -201,6 +201,8 @@ BAD = {
     "missing_index_shard": (_missing_shard, True, CheckpointError,
                             [r"model\.safetensors\.index\.json", r"model-0000\d-of-\d+\.safetensors",
                              r"does not exist", r"tensor"]),
+    "corrupt_index": (lambda d: (d / INDEX_NAME).write_text('{"weight_map": '), True, CorruptFileError,
+                      [r"model\.safetensors\.index\.json", r"malformed index"]),
     "no_weights": (lambda d: (d / "model.safetensors").unlink(), False, CheckpointError,
                    [r"no model\.safetensors"]),
 }
