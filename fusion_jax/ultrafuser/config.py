@@ -73,8 +73,8 @@ def base_config() -> mlc.ConfigDict:
     # prompt/response columns; all empty -> the demo corpus
     c.data.train_files = mlc.ConfigDict({d: "" for d in DOMAINS})
     c.data.eval_files = mlc.ConfigDict({d: "" for d in DOMAINS})
-    c.data.prompt_column = "prompt"
-    c.data.response_column = "response"
+    c.data.prompt_field = "prompt"
+    c.data.response_field = "response"
     c.data.seq_len = 96                   # prompt (in the longest template) + response, in tokens
     c.data.max_prompt_len = 40            # prompts are cut (from the left) to this when space is short
     c.data.max_train_examples = 600       # per domain for the fusion stages; 0 = all
@@ -98,8 +98,8 @@ def base_config() -> mlc.ConfigDict:
 
     c.gate_hidden = 512
     c.loss_chunk = 32                     # sequence chunk of the fused loss ([K,B,chunk,V] live at once)
-    c.stage1 = _stage(60, 8, 3e-3, 5)     # gate only
-    c.stage2 = _stage(12, 4, 1e-4, 2)     # all weights
+    c.stage1 = _stage(40, 8, 1e-2, 4)     # gate only
+    c.stage2 = _stage(24, 4, 1e-3, 2)     # all weights
 
     c.trainer = mlc.ConfigDict({"save_every": 50, "keep_checkpoints": 2, "log_every": 10,
                                 "progress": True, "async_checkpointing": True})

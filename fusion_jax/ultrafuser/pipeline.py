@@ -68,8 +68,8 @@ def _file_examples(c, domains) -> tuple[dict, dict]:
                 raise DataError(f"data.{split}_files.{d}: domain {d!r} has no {split} data (give a file for "
                                 "every domain)")
             cap = int(c.data.max_train_examples if split == "train" else c.data.max_eval_examples)
-            out[split][d] = load_examples(src, split=split, domain=d, prompt_column=str(c.data.prompt_column),
-                                          response_column=str(c.data.response_column), limit=cap or None)
+            out[split][d] = load_examples(src, split=split, domain=d, prompt_field=str(c.data.prompt_field),
+                                          response_field=str(c.data.response_field), limit=cap or None)
     return out["train"], out["eval"]
 
 
