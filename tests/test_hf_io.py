@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -226,7 +228,7 @@ def test_bad_input_gives_clear_error(name, bad_root, tmp_path, capsys):
     with pytest.raises(cls) as info:
         load(bad_root[name])
     for pat in patterns:
-        assert __import__("re").search(pat, str(info.value)), (pat, str(info.value))
+        assert re.search(pat, str(info.value)), (pat, str(info.value))
     assert str(bad_root[name]) in str(info.value)  # names the file at fault, with its path
     # the CLI: exit 2, the same message, nothing at the output path
     out = tmp_path / "out"
@@ -261,8 +263,7 @@ def test_transpose_into_odd_shapes_and_strided_destination(dtype):
     from fusion_jax.hf.mapping import transpose2d, transpose_into
     rng = np.random.RandomState(0)
     for shape in [(37, 5), (1, 19), (100, 33), (16, 16), (17, 1)]:
-        a = (rng.standard_normal(shape) * 50).astype(np.dtype(dtype) if dtype != "bfloat16"
-                                                       else __import__("ml_dtypes").bfloat16)
+        a = (rng.standard_normal(shape) * 50).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
         np.testing.assert_array_equal(transpose2d(a), a.T)
         big = np.zeros((shape[1] + 3, shape[0] + 9), a.dtype)
         transpose_into(big[2:2 + shape[1], 4:4 + shape[0]], a)   # a strided view, as a shard slot
