@@ -12,7 +12,8 @@ _PROBE = """
 import json, sys
 import fusion_jax.cli as cli
 p = cli.build_parser()
-names = sorted(p._subparsers._group_actions[0].choices)
+names = sorted(r[0] for r in cli.available_commands())
+assert p.parse_args(["merge", "cfg.yaml", "out"]).command == "merge"   # a placeholder parses too
 cli.build_parser("convert")   # hf.cli registers without importing JAX either
 heavy = sorted(m for m in ("jax", "flax", "torch", "orbax", "orbax.checkpoint", "transformers",
                            "fusion_jax.train", "fusion_jax.merging") if m in sys.modules)
