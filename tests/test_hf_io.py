@@ -271,9 +271,10 @@ def test_transpose_into_odd_shapes_and_strided_destination(dtype):
         assert not big[:2].any() and not big[:, :4].any() and not big[:, 4 + shape[0]:].any()
 
 
-def test_reader_callback_chunks_slices_and_casts(tmp_path_factory, monkeypatch):
-    """Every (layer, row, column) slice a device shard can ask for, read in many tiny chunks, with and
-    without a cast, equals the same slice of the whole param (dims deliberately not multiples of 16)."""
+def test_read_path_chunks_slices_casts_and_shared_reads(tmp_path_factory, monkeypatch):
+    """Any set of shard boxes (interior slices on every axis, halves, the whole) of one HF tensor, read in
+    many tiny chunks, with and without a cast, equals those slices of the param; each HF row is read once
+    however many boxes need it (dims deliberately not multiples of 16)."""
     import jax
 
     from fusion_jax.hf import checkpoint, mapping
@@ -284,15 +285,24 @@ def test_reader_callback_chunks_slices_and_casts(tmp_path_factory, monkeypatch):
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(ref)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     reader = checkpoint._open_reader(path)
+    rows_read = []
+    read_rows = reader.read_rows
+    monkeypatch.setattr(reader, "read_rows", lambda n, a, b, out=None: (rows_read.append(b - a),
+                                                                          read_rows(n, a, b, out))[1])
     try:
         for row in mapping.table(config):
             full = np.asarray(mapping.get_path(ref, row.path))
-            for dt in (np.dtype(np.float32), np.dtype("bfloat16")):
-                cb = checkpoint._reader_callback(reader, row, config, dt)
-                idx = tuple(slice(n // 3, n - n // 4) for n in full.shape)  # interior slice on every axis
-                got = cb(idx)
-                assert got.dtype == dt and got.ctypes.data % checkpoint._HOST_ALIGN == 0
-                np.testing.assert_array_equal(got, full[idx].astype(dt))
-                np.testing.assert_array_equal(cb(()), full.astype(dt))
+            ours = full[1] if row.stacked else full               # one HF tensor, in our layout
+            name = row.hf_name(1) if row.stacked else row.hf_name()
+            boxes = [tuple((k // 3, k - k // 4) for k in ours.shape), tuple((0, k // 2) for k in ours.shape),
+                     tuple((k // 2, k) for k in ours.shape), tuple((0, k) for k in ours.shape)]
+            for dt in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
+                targets = [(checkpoint._host_buffer(tuple(b - a for a, b in box), dt), box) for box in boxes]
+                rows_read.clear()
+                checkpoint._read_tensor_into(reader, name, targets, row.transpose, dt)
+                assert sum(rows_read) == reader.shape(name)[0], name      # every HF row exactly once
+                for dest, box in targets:
+                    assert dest.ctypes.data % checkpoint._HOST_ALIGN == 0
+                    np.testing.assert_array_equal(dest, ours[tuple(slice(a, b) for a, b in box)].astype(dt))
     finally:
         reader.close()

@@ -87,13 +87,24 @@ _RESHARD_SCRIPT = textwrap.dedent("""
             for s in x.addressable_shards:                   # every shard holds exactly its slice
                 assert np.array_equal(np.asarray(s.data), np.asarray(r)[s.index])
         return dict(max_err=max(errs), bad=bad)
-    res = {}
+    from fusion_jax.hf import safetensors_io as sio
+    nread = [0]
+    pread = sio._pread_into
+    def counting(fd, buf, offset, where):
+        nread[0] += len(buf)
+        return pread(fd, buf, offset, where)
+    sio._pread_into = counting
+    res = {"file_bytes": sio.SafetensorsReader(src).total_bytes()}
     a = shardings({"fsdp": 8})
     params = load(src, shardings=a)[1]                        # HF -> straight into fsdp=8
     res["load_fsdp8"] = check(params, a)
+    res["bytes_read_fsdp8"] = nread[0]
+    nread[0] = 0
+    b = shardings({"fsdp": 2, "tensor": 4})                   # replicated dims: shared shards
+    res["load_fsdp2_tensor4"] = check(load(src, shardings=b)[1], b)
+    res["bytes_read_fsdp2_tensor4"] = nread[0]
     res["load_spec"] = str(params["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec)
     save_params(out, params, config)
-    b = shardings({"fsdp": 2, "tensor": 4})
     cfg2, restored = restore_params(out, target_shardings=b)  # Orbax -> fsdp=2 x tensor=4
     res["restore_fsdp2_tensor4"] = check(restored, b)
     res["restore_spec"] = str(restored["layers"]["mlp"]["up_proj"]["kernel"].sharding.spec)
@@ -111,7 +122,9 @@ def test_load_and_restore_into_target_shardings_on_8_devices(tmp_path_factory, t
                        capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert p.returncode == 0, p.stderr[-4000:]
     res = json.loads(p.stdout.split("RESULT")[-1])
-    for k in ("load_fsdp8", "restore_fsdp2_tensor4"):
+    # the process reads every byte of the checkpoint exactly once, however the 8 devices split it
+    assert res["bytes_read_fsdp8"] == res["file_bytes"] == res["bytes_read_fsdp2_tensor4"], res
+    for k in ("load_fsdp8", "load_fsdp2_tensor4", "restore_fsdp2_tensor4"):
         assert res[k]["max_err"] == 0.0 and res[k]["bad"] == [], (k, res[k])
     assert res["load_spec"] == "P(None, 'fsdp')", res
     assert res["restore_spec"] == "P(None, 'fsdp', 'tensor')", res

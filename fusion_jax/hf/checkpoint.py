@@ -4,11 +4,11 @@
 same structure as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (see ``.notes/MODEL_API.md``); put it
 into a model with ``load_model`` or ``nnx.replace_by_pure_dict(state, params); nnx.update(model, state)``.
 
-Reading never holds the model twice: each param is assembled with ``jax.make_array_from_callback``, whose
-callback allocates one aligned host buffer for one device's shard and fills it from disk (``pread`` of only
-the rows that shard needs; per-layer HF tensors land in their slot of the stacked ``[L, ...]`` param;
-transposes and casts go through a few-MB scratch buffer). On CPU, XLA adopts that buffer without a copy;
-on an accelerator it is transferred and freed. Peak host memory is therefore the params plus ~4 MB.
+Reading never holds the model twice: for each param, every distinct shard this process's devices hold gets
+one aligned host buffer, filled from disk by ``pread`` (per-layer HF tensors land in their slot of the
+stacked ``[L, ...]`` param; transposes and casts go through a few-MB scratch chunk), reading each needed
+byte once however many devices share it. On CPU, XLA adopts the buffer without a copy; on an accelerator
+it is transferred and freed. Peak host memory on one device is therefore the params plus a few MB.
 ``save`` streams the other way through ``ShardedWriter`` into a temporary directory renamed into place.
 """
 from __future__ import annotations
@@ -189,9 +189,9 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
     ``param_dtype``: dtype of the loaded params (default: as stored, so bf16 stays bf16).
     ``dtype``: compute dtype written into the config (default: ``param_dtype``).
     ``shardings``: ``None`` (first device), one ``jax.sharding.Sharding`` for all params, or a nested dict
-    of Shardings shaped like params; each device's buffer is filled with only its own slice, reading only
-    the HF rows (and layers) that slice needs. A slice along HF's column axis (our kernels' input dim)
-    reads whole rows in few-MB chunks and keeps its columns: rows are the unit of a contiguous read.
+    of Shardings shaped like params; each device receives only its own slice, and this process reads only
+    the HF rows (and layers) its devices' slices need, each once. (A slice along HF's column axis, our
+    kernels' input dim, still costs whole rows: rows are the unit of a contiguous read.)
     ``config_overrides``: ModelConfig fields (e.g. ``scan_layers=False, remat="full"``).
     Raises MissingTensorError / ShapeMismatchError / UnknownArchitectureError / CorruptFileError /
     CheckpointError naming the file and tensor at fault.
@@ -216,8 +216,7 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
                 sh = shardings
             else:
                 sh = mapping.get_path(shardings, row.path)
-            return jax.make_array_from_callback(row.our_shape(config), sh,
-                                                _reader_callback(reader, row, config, pdt))
+            return _load_param(reader, row, config, pdt, sh)
 
         # Params are independent and preads / numpy copies release the GIL: a few threads overlap disk
         # reads with transposes. Memory does not grow with it (each thread fills final param buffers,
@@ -246,63 +245,91 @@ def _host_buffer(shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
     return raw[off:off + n].view(dt).reshape(shape)
 
 
-def _fill(reader, name: str, dest: np.ndarray, index: tuple, transpose: bool, dt: np.dtype) -> None:
-    """Write HF tensor ``name``, in OUR layout (``.T`` when ``transpose``), restricted to ``index`` (slices
-    of our layout, as a device shard asks for), into ``dest``.
+def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """A shard index (tuple of slices, possibly short) as ((start, stop), ...) per axis."""
+    index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+    out = []
+    for s, n in zip(index, shape):
+        a, b, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"strided shard index {s} is not supported")
+        out.append((a, b))
+    return tuple(out)
 
-    Untransposed, same-dtype, whole-row reads go straight into ``dest`` with one ``pread``. Otherwise HF
-    rows are read in chunks of ~``_CHUNK_BYTES`` into one scratch buffer and copied (transposed / cast /
-    column-sliced) into place, so no whole-tensor temporary ever exists.
+
+def _read_tensor_into(reader, name: str, targets: list[tuple[np.ndarray, tuple]], transpose: bool,
+                      dt: np.dtype) -> None:
+    """Fill every ``(dest, box)`` in ``targets`` with HF tensor ``name`` in OUR layout (``.T`` when
+    ``transpose``) restricted to ``box`` (``((start, stop), ...)`` per axis of our layout).
+
+    Each needed HF row is read from disk ONCE, whatever the number of targets: rows are read in chunks
+    of ~``_CHUNK_BYTES`` into one scratch buffer, cast once, and the part of the chunk that each target's
+    box covers is copied (transposed when needed) into it. A single untransposed, same-dtype target that
+    wants whole rows is read straight into place with one ``pread``.
     """
     shape = tuple(reader.shape(name))
     src_dt = np.dtype(reader.dtype(name))
-    index = tuple(index) + (slice(None),) * (len(shape) - len(index))
     if not shape:
-        dest[...] = reader.get(name).astype(dt)
+        t = reader.get(name).astype(dt)
+        for dest, _ in targets:
+            dest[...] = t
         return
-    if transpose:
-        cols, rows = index                    # ours[a, b] = hf[b, a]
-    else:
-        rows, cols = index[0], index[1:]
-    r0, r1, step = rows.indices(shape[0])
-    if step != 1:
-        raise ValueError(f"tensor {name!r}: strided shard index {rows} is not supported")
-    if (not transpose and src_dt == dt and dest.flags.c_contiguous
-            and all(c.indices(n) == (0, n, 1) for c, n in zip(cols, shape[1:]))):
-        reader.read_rows(name, r0, r1, out=dest)
-        return
+    # per target: (HF row range, HF column slices) -- our box is (cols, rows) of HF when transposed
+    spans = []
+    for dest, box in targets:
+        rows, cols = (box[1], (box[0],)) if transpose else (box[0], box[1:])
+        spans.append((dest, rows, tuple(slice(a, b) for a, b in cols)))
+    if len(targets) == 1 and not transpose and src_dt == dt:
+        dest, (r0, r1), cols = spans[0]
+        if dest.flags.c_contiguous and all(c.indices(n) == (0, n, 1) for c, n in zip(cols, shape[1:])):
+            reader.read_rows(name, r0, r1, out=dest)
+            return
+    lo, hi = min(r[0] for _, r, _ in spans), max(r[1] for _, r, _ in spans)
     row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * src_dt.itemsize
-    chunk = max(1, min(r1 - r0, _CHUNK_BYTES // max(row_bytes, 1)))
+    chunk = max(1, min(hi - lo, _CHUNK_BYTES // max(row_bytes, 1)))
     scratch = np.empty((chunk,) + shape[1:], src_dt)
-    for c0 in range(r0, r1, chunk):
-        c1 = min(c0 + chunk, r1)
+    for c0 in range(lo, hi, chunk):
+        c1 = min(c0 + chunk, hi)
+        wanted = [(d, r, c) for d, r, c in spans if r[0] < c1 and c0 < r[1]]
+        if not wanted:
+            continue  # rows no target on this process needs
         t = reader.read_rows(name, c0, c1, out=scratch[:c1 - c0])
-        if transpose:
-            t = t[:, cols]
-            if t.dtype != dt:
-                t = t.astype(dt)
-            mapping.transpose_into(dest[:, c0 - r0:c1 - r0], t)
-        else:
-            dest[c0 - r0:c1 - r0] = t[(slice(None),) + tuple(cols)]  # casts when dtypes differ
+        if t.dtype != dt:
+            t = t.astype(dt)
+        for dest, (r0, r1), cols in wanted:
+            a, b = max(c0, r0), min(c1, r1)
+            part = t[a - c0:b - c0]
+            if transpose:
+                mapping.transpose_into(dest[:, a - r0:b - r0], part[:, cols[0]])
+            else:
+                dest[a - r0:b - r0] = part[(slice(None),) + cols]
 
 
-def _reader_callback(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype):
-    """``make_array_from_callback`` callback: one device's shard of ``row``'s (stacked) param, read from
-    disk into an aligned host buffer (adopted by XLA:CPU as is; copied to an accelerator and freed)."""
-    ndim = len(row.our_shape(config))
-
-    def cb(index) -> np.ndarray:
-        index = tuple(index) + (slice(None),) * (ndim - len(tuple(index)))
-        shard_shape = tuple(len(range(*s.indices(n))) for s, n in zip(index, row.our_shape(config)))
-        out = _host_buffer(shard_shape, dt)
-        if not row.stacked:
-            _fill(reader, row.hf_name(), out, index, row.transpose, dt)
-            return out
-        for j, i in enumerate(range(*index[0].indices(config.num_layers))):
-            _fill(reader, row.hf_name(i), out[j], index[1:], row.transpose, dt)
-        return out
-
-    return cb
+def _load_param(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype,
+                sharding: jax.sharding.Sharding) -> jax.Array:
+    """One (stacked) param placed with ``sharding``: each distinct shard this process holds is built once
+    in an aligned host buffer (adopted by XLA:CPU without a copy; copied to an accelerator and freed),
+    reading each needed byte of the file once; devices holding the same shard get copies of it."""
+    shape = row.our_shape(config)
+    dev_boxes = {d: _norm_index(idx, shape) for d, idx in sharding.addressable_devices_indices_map(shape).items()}
+    boxes = list(dict.fromkeys(dev_boxes.values()))
+    bufs = {box: _host_buffer(tuple(b - a for a, b in box), dt) for box in boxes}
+    if row.stacked:
+        for i in range(config.num_layers):
+            targets = [(bufs[box][i - box[0][0]], box[1:]) for box in boxes if box[0][0] <= i < box[0][1]]
+            if targets:
+                _read_tensor_into(reader, row.hf_name(i), targets, row.transpose, dt)
+    else:
+        _read_tensor_into(reader, row.hf_name(), [(bufs[box], box) for box in boxes], row.transpose, dt)
+    arrays, used = [], set()
+    for device, box in dev_boxes.items():
+        buf = bufs[box]
+        if box in used:  # never alias one host buffer into two device arrays (donation would clobber both)
+            buf = _host_buffer(buf.shape, dt)
+            np.copyto(buf, bufs[box])
+        used.add(box)
+        arrays.append(jax.device_put(buf, device))
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
 
 
 def load_model(path: str | os.PathLike, *, rngs=None, **kw):
