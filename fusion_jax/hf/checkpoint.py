@@ -311,7 +311,8 @@ def _load_param(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype,
     in an aligned host buffer (adopted by XLA:CPU without a copy; copied to an accelerator and freed),
     reading each needed byte of the file once; devices holding the same shard get copies of it."""
     shape = row.our_shape(config)
-    dev_boxes = {d: _norm_index(idx, shape) for d, idx in sharding.addressable_devices_indices_map(shape).items()}
+    dev_boxes = {d: _norm_index(idx, shape)
+                 for d, idx in sharding.addressable_devices_indices_map(shape).items()}
     boxes = list(dict.fromkeys(dev_boxes.values()))
     bufs = {box: _host_buffer(tuple(b - a for a, b in box), dt) for box in boxes}
     if row.stacked:
@@ -324,7 +325,9 @@ def _load_param(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype,
     arrays, used = [], set()
     for device, box in dev_boxes.items():
         buf = bufs[box]
-        if box in used:  # never alias one host buffer into two device arrays (donation would clobber both)
+        if box in used and device.platform == "cpu":
+            # XLA:CPU would adopt the same host buffer for both devices: never alias two device arrays
+            # (donating one would clobber the other). Accelerators copy on transfer anyway.
             buf = _host_buffer(buf.shape, dt)
             np.copyto(buf, bufs[box])
         used.add(box)
