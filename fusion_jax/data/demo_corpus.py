@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import hashlib
 import inspect
 import json
 import os
@@ -39,16 +38,11 @@ from pathlib import Path
 
 from fusion_jax.data.math_problems import generate_problem
 from fusion_jax.errors import DataError
+from fusion_jax.utils.hashing import stable_hash
 
 DOMAINS = ("text", "code", "math")
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def stable_hash(*parts) -> int:
-    """A 64-bit hash of ``parts`` that does not change between runs (unlike ``hash``)."""
-    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8)
-    return int.from_bytes(h.digest(), "little")
 
 
 def _stdlib_dir() -> Path:

@@ -20,24 +20,19 @@ Each process computes (and gathers) only the rows of its share, ``process_batch_
 """
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Mapping
 
 import numpy as np
 
 from fusion_jax.errors import ConfigError, DataError
+from fusion_jax.utils.hashing import stable_hash
 
 DOMAIN_ID = "domain_id"
 
 
-def _stable_hash(name: str) -> int:
-    """32 bits of BLAKE2b of ``name`` (the same in every process, unlike the salted ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest(), "little")
-
-
 def epoch_permutation(n: int, seed: int, domain: str, epoch: int) -> np.ndarray:
     """The order in which ``domain``'s ``n`` examples are drawn in ``epoch`` (a pure function)."""
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, _stable_hash(domain), int(epoch)])
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, stable_hash(domain, digest_size=4), int(epoch)])
     return rng.permutation(n)
 
 

@@ -14,9 +14,9 @@ The same hash is written for NumPy (``keep_mask_np``) and JAX (``keep_mask``); t
 """
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
+
+from fusion_jax.utils.hashing import stable_hash as _stable_hash
 
 _GOLDEN = 0x9E3779B9
 _M1 = 0x7FEB352D
@@ -25,8 +25,8 @@ MASK32 = 0xFFFFFFFF
 
 
 def stable_hash(name: str) -> int:
-    """A 32-bit hash of a string that is the same in every process (BLAKE2b, not ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=4).digest(), "little")
+    """A 32-bit hash of a tensor name that is the same in every process (BLAKE2b, not ``hash``)."""
+    return _stable_hash(name, digest_size=4)
 
 
 def _mix32(x: int) -> int:
