@@ -13,7 +13,7 @@ from fusion_jax.cli import main
 from fusion_jax.errors import ShapeMismatchError
 from fusion_jax.hf.safetensors_io import SafetensorsReader
 from fusion_jax.merging import execute, load_config, merge, plan_merge
-from fusion_jax.merging.executor import _TOKENIZER_FILES
+from fusion_jax.hf.files import TOKENIZER_FILES
 from fusion_jax.merging.testing import llama_config, make_family, random_weights, write_checkpoint
 
 
@@ -185,7 +185,7 @@ def test_dare_cli(fam, tmp_path):
 def test_finetune_without_tokenizer_shares_the_base_tokenizer(tmp_path):
     """mergekit's rule: a fine-tune saved without tokenizer files is taken to use the base's vocabulary."""
     base, fts = make_family(tmp_path, n_finetunes=1, seed=4)
-    for f in _TOKENIZER_FILES:
+    for f in TOKENIZER_FILES:
         (fts[0] / f).unlink(missing_ok=True)
     cfg = {"merge_method": "linear", "tokenizer_source": "base", "base_model": str(base),
            "models": [{"model": str(base), "parameters": {"weight": 0.5}},

@@ -26,14 +26,11 @@ import numpy as np
 
 from fusion_jax.errors import (CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError)
 from fusion_jax.hf import mapping
+from fusion_jax.hf.files import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
 from fusion_jax.hf.safetensors_io import (INDEX_NAME, SafetensorsReader, TensorSpec, ShardedWriter)
 from fusion_jax.models.config import ModelConfig, canonical_dtype
 from fusion_jax.utils.atomic import atomic_directory
 
-CONFIG_NAME = "config.json"
-GENERATION_CONFIG_NAME = "generation_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "chat_template.jinja", "added_tokens.json")
 _BIN_INDEX = "pytorch_model.bin.index.json"
 
 

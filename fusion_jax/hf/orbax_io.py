@@ -19,7 +19,8 @@ import numpy as np
 
 from fusion_jax.errors import CheckpointError
 from fusion_jax.hf import mapping
-from fusion_jax.hf.checkpoint import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES, _as_pure, read_config
+from fusion_jax.hf.checkpoint import _as_pure, read_config
+from fusion_jax.hf.files import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
 from fusion_jax.models.config import ModelConfig
 from fusion_jax.utils.atomic import atomic_directory
 

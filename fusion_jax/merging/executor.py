@@ -23,6 +23,7 @@ import numpy as np
 
 from fusion_jax.errors import (CheckpointError, ConfigError, FusionError, MissingTensorError,
                                ShapeMismatchError)
+from fusion_jax.hf.files import TOKENIZER_FILES
 from fusion_jax.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorSpec, parse_size
 from fusion_jax.merging import kernels, rng
 from fusion_jax.merging.config import MergeConfig, Source, load_config, resolve_parameter
@@ -33,9 +34,6 @@ _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": np.dtype(ml_dtypes.bfloat16), "float64": np.dtype(np.float64)}
 _VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
-_TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "tokenizer.model",
-                    "added_tokens.json", "merges.txt", "vocab.json", "chat_template.jinja",
-                    "chat_template.json")
 
 
 @dataclasses.dataclass
@@ -293,7 +291,7 @@ def _vocab_setup(cfg: MergeConfig, models, idx, donor) -> dict:
     # As mergekit does, a model directory that ships no tokenizer at all (common for fine-tunes saved with
     # save_pretrained alone) is taken to share the base model's; a tokenizer that is present but broken
     # is still an error.
-    has_tok = [any((Path(m.path) / f).is_file() for f in _TOKENIZER_FILES) for m in models]
+    has_tok = [any((Path(m.path) / f).is_file() for f in TOKENIZER_FILES) for m in models]
     if not has_tok[models.index(base_m)]:
         raise ConfigError(f"tokenizer_source: the base model {base_m.name!r} has no tokenizer files")
     base_tok = load(base_m)
@@ -582,7 +580,7 @@ def _write_metadata(plan: Plan, out: Path) -> None:
         plan.tokenizer.save_pretrained(str(out))
     else:
         src = plan.tokenizer_dir or plan.donor.path
-        for f in _TOKENIZER_FILES:
+        for f in TOKENIZER_FILES:
             if (src / f).is_file():
                 shutil.copy(src / f, out / f)
     cfg_raw = plan.config.raw
