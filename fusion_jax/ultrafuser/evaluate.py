@@ -35,6 +35,8 @@ def to_host(x) -> np.ndarray:
     """A replicated (or fully addressable) global array -> numpy on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:   # every process holds all of it
+        return np.asarray(x.addressable_data(0))
     from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 

@@ -85,10 +85,8 @@ def load_specialists(paths: Sequence[str | Path], names: Sequence[str], *, mesh=
 
 
 def _host(x) -> np.ndarray:
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    from fusion_jax.ultrafuser.evaluate import to_host
+    return to_host(x)
 
 
 def save_fused(fm: FusedModel, out_dir, *, templates: dict | None = None, tokenizer_dir=None,

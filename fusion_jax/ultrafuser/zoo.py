@@ -58,10 +58,8 @@ def barrier(name: str) -> None:
 
 def host_tree(tree):
     """Params (possibly sharded across processes) -> numpy on every process."""
-    if jax.process_count() == 1:
-        return jax.tree.map(lambda x: np.asarray(jax.device_get(x)), tree)
-    from jax.experimental import multihost_utils
-    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)), tree)
+    from fusion_jax.ultrafuser.evaluate import to_host
+    return jax.tree.map(to_host, tree)
 
 
 def model_config(c, tok):
