@@ -66,19 +66,8 @@ def make_tiny_hf_model(tmp_dir, arch: str = "llama", seed: int = 0, *, dtype: st
 
 def make_tiny_tokenizer(path, vocab_size: int = 160) -> Path:
     """A byte-level BPE tokenizer trained on a few sentences, saved with transformers' files."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(unk_token=None))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    text = ["the quick brown fox jumps over the lazy dog", "fusion of language models in jax",
-            "def add(a, b): return a + b", "2 + 2 = 4"] * 20
-    tok.train_from_iterator(text, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
-    fast.save_pretrained(path)
+    from fusion_jax.merging.testing import make_tokenizer
+    make_tokenizer(path, vocab_size)
     return Path(path)
 
 
