@@ -99,7 +99,7 @@ def base_config() -> mlc.ConfigDict:
     c.gate_hidden = 512
     c.loss_chunk = 32                     # sequence chunk of the fused loss ([K,B,chunk,V] live at once)
     c.stage1 = _stage(60, 8, 1e-2, 5)     # gate only
-    c.stage2 = _stage(20, 4, 3e-4, 2)     # all weights
+    c.stage2 = _stage(32, 4, 3e-4, 2)     # all weights
 
     c.trainer = mlc.ConfigDict({"save_every": 50, "keep_checkpoints": 2, "log_every": 10,
                                 "progress": True, "async_checkpointing": True})
