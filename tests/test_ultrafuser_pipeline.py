@@ -75,6 +75,8 @@ def test_bad_config_fails_before_training(fx, tmp_path, key, value, err, msg):
 def test_unknown_preset_and_option_are_config_errors():
     with pytest.raises(ConfigError, match="preset: 'paperr' is unknown"):
         validate(get_config("paperr"))
+    with pytest.raises(ConfigError, match="paper preset fuses real specialists"):
+        validate(get_config("paper"))
     c = get_config("smoke")
     c.unlock()
     c.zoo.hidden = 3

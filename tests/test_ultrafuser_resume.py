@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from ultrafuser_fixtures import NAMES, fixture_flags, make_fixture
 

@@ -240,6 +240,9 @@ def validate(config) -> mlc.ConfigDict:
         extra = sorted(set(c.data[split].keys()) - set(domains))
         if extra and any(str(c.data[split][d]) for d in extra):
             raise ConfigError(f"data.{split}.{extra[0]}: {extra[0]!r} is not one of data.domains {domains}")
+    if preset == "paper" and not paths:
+        raise ConfigError("specialists.paths: the paper preset fuses real specialists; give their three HF "
+                          "directories (see configs/ultrafuser.py)")
     if paths and not any(str(c.data.train_files.get(d, "")) for d in domains):
         raise ConfigError("specialists.paths is set but data.train_files is not: the demo corpus only "
                           "goes with the demo zoo; give data.train_files/eval_files for every domain")

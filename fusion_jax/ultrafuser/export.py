@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from fusion_jax.errors import CheckpointError, ConfigError
+from fusion_jax.ultrafuser import fusion
 from fusion_jax.ultrafuser.gate import GateConfig, init_gate, load_gate, save_gate
 from fusion_jax.ultrafuser.model import FusedModel, check_compatible
 from fusion_jax.utils.atomic import atomic_directory
@@ -75,11 +75,11 @@ def load_specialists(paths: Sequence[str | Path], names: Sequence[str], *, mesh=
     fm = FusedModel(graphdef, cfg, None, gate, gcfg, tuple(names))
     trees = [p for _, p in loaded]
     if mesh is None:
-        fm.params = jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+        fm.params = fusion.stack_trees(trees)
         return fm
     fm.params = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(trees),) + x.shape, x.dtype), trees[0])
     p_sh, g_sh = fm.shardings(mesh)
-    fm.params = jax.jit(lambda *ts: jax.tree.map(lambda *xs: jnp.stack(xs), *ts), out_shardings=p_sh)(*trees)
+    fm.params = jax.jit(lambda *ts: fusion.stack_trees(ts), out_shardings=p_sh)(*trees)
     fm.gate = jax.device_put(gate, g_sh)
     return fm
 
