@@ -63,14 +63,12 @@ class PromptTemplate:
 
 CHAT = PromptTemplate("chat", chat=True)
 
-# One template per demo specialist, in the spirit of the paper's three (UltraLM, CodeLlama, WizardMath).
+# One template per demo specialist, in the spirit of the paper's three (UltraLM, CodeLlama-Instruct,
+# WizardMath; the math one is WizardMath's without its long preamble, to keep the demo's sequences short).
 DEMO_TEMPLATES = {
     "text": PromptTemplate("text", "User: {prompt}\nAssistant:\n"),
     "code": PromptTemplate("code", "[INST] {prompt} [/INST]\n"),
-    "math": PromptTemplate(
-        "math",
-        "Below is an instruction that describes a task. Write a response that appropriately completes "
-        "the request.\n\n### Instruction:\n{prompt}\n\n### Response: Let's think step by step.\n"),
+    "math": PromptTemplate("math", "### Instruction:\n{prompt}\n\n### Response: Let's think step by step.\n"),
 }
 
 

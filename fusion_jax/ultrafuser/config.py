@@ -20,15 +20,12 @@ import json
 
 import ml_collections as mlc
 
+from fusion_jax.data.templates import DEMO_TEMPLATES as _DEMO
 from fusion_jax.errors import ConfigError
 
-# Each specialist's own prompt format ("{prompt}" marks the user turn), in the spirit of the paper's
-# UltraLM / CodeLlama-Instruct / WizardMath. The demo zoo fine-tunes each specialist in its template.
-DEMO_TEMPLATES = {
-    "text": "User: {prompt}\nAssistant:\n",
-    "code": "[INST] {prompt} [/INST]\n",
-    "math": "### Instruction:\n{prompt}\n\n### Response: Let's think step by step.\n",
-}
+# Each specialist's own prompt format ("{prompt}" marks the user turn): the demo zoo's, one per domain
+# (fusion_jax.data.templates.DEMO_TEMPLATES); each specialist is fine-tuned in its own.
+DEMO_TEMPLATES = {name: t.prompt for name, t in _DEMO.items()}
 DOMAINS = ("text", "code", "math")
 
 
