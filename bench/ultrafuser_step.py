@@ -17,8 +17,12 @@ positions, trailing padding). Per stage, each framework first runs alone in its 
 the loss and every gradient on the initial weights (the parent checks that both agree to float32
 tolerance -- a benchmark of different computations would be worthless -- and stops otherwise), then its
 warm-up steps; peak RSS and compile time come from there. Then one process holds both and times their
-steps alternately, so that both see the same load on a shared machine (and once more with fusion-jax's
-``scan_layers=False``, unless ``--no-unrolled``).
+steps alternately (a pause between steps lets the other's thread pool go idle), so that both see the
+same load on a shared machine: once with each framework's default threads (what a user gets), once
+with one thread each (XLA:CPU single-threaded, ``torch.set_num_threads(1)``): per-core efficiency, which
+does not depend on how busy the machine is. PyTorch's OpenMP pool slows down far more than
+proportionally when the cores are oversubscribed (measured here: the same stage-1 step 0.75 s at load
+3.5 and 4-9 s at load 7-8), so on a shared machine only the one-thread ratio is stable.
 
 tokens/s counts positions of the fused batch (B x S; each position runs through all K specialists).
 
@@ -195,7 +199,7 @@ def setup_torch(root: Path, a, stage: int, check: bool):
     import transformers
     from safetensors.numpy import load_file
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("FJ_BENCH_THREADS", 0)) or os.cpu_count() or 1)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     models = [transformers.LlamaForCausalLM.from_pretrained(root / n, dtype=torch.float32,
                                                              attn_implementation="sdpa").to(dev) for n in NAMES]
@@ -267,6 +271,10 @@ def setup_torch(root: Path, a, stage: int, check: bool):
 
 
 SETUP = {"jax": setup_jax, "torch": setup_torch}
+PAUSE_S = 0.5
+# one thread each: XLA:CPU without its Eigen pool and one intra-op thread; torch through FJ_BENCH_THREADS
+ONE_THREAD_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+                  "FJ_BENCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
 def _time(step) -> float:
@@ -286,8 +294,9 @@ def child_isolated(root: Path, a, fw: str, stage: int) -> dict:
 
 
 def child_paired(root: Path, a, stage: int) -> dict:
-    """Both frameworks in one process, timed step by step in alternation, so that both see the same load
-    on a shared machine; warm-up steps excluded."""
+    """Both frameworks in one process, timed step by step in alternation (which one goes first flips each
+    step), so that both see the same load on a shared machine; warm-up steps excluded. A pause between
+    steps lets the other framework's spinning pool threads go to sleep before the next timed step."""
     steps = {fw: SETUP[fw](root, a, stage, check=False)[0] for fw in ("jax", "torch")}
     for _ in range(a.warmup):
         for fw in steps:
@@ -295,20 +304,21 @@ def child_paired(root: Path, a, stage: int) -> dict:
     times = {fw: [] for fw in steps}
     for i in range(a.steps):
         for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
+            time.sleep(PAUSE_S)
             times[fw].append(_time(steps[fw]))
         print(f"  stage {stage} timed step {i + 1}/{a.steps}: jax {times['jax'][-1]:.2f} s, "
               f"torch {times['torch'][-1]:.2f} s", flush=True)
     return {"step_s": times}
 
 
-def run_child(mode: str, stage: int, root: Path, argv: list[str]) -> dict:
+def run_child(mode: str, stage: int, root: Path, argv: list[str], env: dict | None = None) -> dict:
     """Run one child (``jax`` / ``torch`` isolated, or ``paired``) in a fresh process; returns its result
     with wall time and peak RSS."""
     out = root / f"result_{mode}_s{stage}.json"
     cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--child", mode, "--stage", str(stage),
            "--workdir", str(root)]
     t = time.perf_counter()
-    proc = subprocess.Popen(cmd)
+    proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})})
     _, status, ru = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"child {mode} stage {stage} failed (status {status})")
@@ -351,19 +361,21 @@ def machine() -> str:
 def table(a, iso: dict, paired: dict, checks: dict) -> list[str]:
     B, S = a.bpd * len(NAMES), a.seq
     labels = {"torch": "PyTorch + transformers", "jax": "fusion-jax", "jax_unrolled": "fusion-jax, scan_layers=False"}
-    lines = ["| stage | framework | step s (median) | tokens/s | ratio to PyTorch | peak RSS GB | first step s |",
-             "|---|---|---|---|---|---|---|"]
-    for stage, pr in sorted(paired.items()):
-        tt = float(np.median(pr["step_s"]["torch"]))
+    lines = ["| stage | threads | framework | step s, median (best) | tokens/s, median (best) | "
+             "fusion-jax / PyTorch, median (best) |", "|---|---|---|---|---|---|"]
+    for (stage, threads), pr in sorted(paired.items(), key=lambda kv: (kv[0][0], kv[0][1] != "all")):
+        t = pr["step_s"]
+        tt, bt = float(np.median(t["torch"])), float(np.min(t["torch"]))
         for fw in ("torch", "jax", "jax_unrolled"):
-            if fw not in pr["step_s"]:
+            if fw not in t:
                 continue
-            med = float(np.median(pr["step_s"][fw]))
-            r = iso.get((fw, stage), {})
-            rss = f"{r['peak_rss_gb']:.2f}" if r else "-"
-            first = f"{r['first_step_s']:.1f}" if r else "-"
-            lines.append(f"| {stage} | {labels[fw]} | {med:.3f} | {B * S / med:,.0f} | "
-                         f"{'1' if fw == 'torch' else f'**{tt / med:.2f}x**'} | {rss} | {first} |")
+            med, best = float(np.median(t[fw])), float(np.min(t[fw]))
+            ratio = "" if fw == "torch" else f"**{tt / med:.2f}x** ({bt / best:.2f}x)"
+            lines.append(f"| {stage} | {threads} | {labels[fw]} | {med:.2f} ({best:.2f}) | "
+                         f"{B * S / med:,.0f} ({B * S / best:,.0f}) | {ratio} |")
+    lines += ["", "| stage | framework | peak RSS GB | first step s (JAX: + compile) |", "|---|---|---|---|"]
+    for (fw, stage), r in sorted(iso.items(), key=lambda kv: (kv[0][1], kv[0][0] != "jax")):
+        lines.append(f"| {stage} | {labels[fw]} | {r['peak_rss_gb']:.2f} | {r['first_step_s']:.1f} |")
     lines.append("")
     for stage, c in sorted(checks.items()):
         lines.append(f"- stage {stage} parity: loss {c['loss_jax']:.6f} (fusion-jax) vs {c['loss_torch']:.6f} "
@@ -384,15 +396,14 @@ def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
 
 
 NOTES = """\
-Why stage 1 and stage 2 differ: in stage 1 PyTorch runs the frozen specialists under `no_grad` and
-keeps their full [K, B, S, V] logits for the gate's backward, while fusion-jax never holds more than one
-sequence chunk of them and recomputes each chunk's logits (the K lm_head matmuls, about a third of the
-specialists' forward FLOPs here) in the backward pass: memory bounded by the chunk, paid for with
-compute, and XLA:CPU's matmuls are slower than PyTorch's oneDNN/MKL ones on this CPU. In stage 2 the
-PyTorch eager backward through three models and the [K, B, S, V] mixture dominates, and one jitted XLA
-program (fused elementwise work, donated buffers, no autograd bookkeeping) wins. `scan_layers=False`
-(a `ModelConfig` field; the pipeline loads specialists with the default, `True`) unrolls the layer loop:
-on XLA:CPU that avoids the while loop's per-layer dynamic slices and stacked residuals."""
+How to read it. On a shared 2-core machine the 'all' rows depend on how busy the machine is: PyTorch's
+OpenMP pool slows down far more than proportionally when the cores are oversubscribed (a descheduled
+thread holds up every barrier), XLA's pool much less, so that ratio swings with the load; compare the
+median with the best step. The '1' rows (one thread each) measure per-core efficiency and are stable.
+What fusion-jax does that PyTorch does not: it never holds the [K, B, S, V] logits beyond one sequence
+chunk, so the backward recomputes each chunk's K lm_head matmuls (3 x 2DV FLOPs per position, not in the
+model FLOPs below); in stage 1 PyTorch instead runs the frozen specialists under `no_grad` and keeps all
+K logits for the gate's backward. Memory bounded by the chunk, paid for in compute."""
 
 
 def main():
@@ -413,8 +424,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per framework (the first compiles)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per framework (median reported)")
     ap.add_argument("--stages", default="1,2")
-    ap.add_argument("--no-unrolled", action="store_true",
-                    help="do not also time fusion-jax with scan_layers=False")
+    ap.add_argument("--unrolled", action="store_true",
+                    help="also time fusion-jax with scan_layers=False (default threads)")
+    ap.add_argument("--threads", default="all,1",
+                    help="thread settings to time: 'all' (each framework's default) and/or '1'")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="accelerator peak (dense, compute dtype): MFU")
     ap.add_argument("--write", action="store_true", help=f"rewrite BENCHMARKS.md's '{SECTION}' section")
@@ -457,15 +470,17 @@ def main():
                   f"{'OK' if ok else 'MISMATCH'}", flush=True)
             if not ok:
                 raise SystemExit(f"stage {stage}: the two frameworks do not compute the same loss/gradients")
-            # 2. timing: both in one process, steps alternating
-            pr = paired[stage] = run_child("paired", stage, root, argv)
-            if not a.no_unrolled:
-                un = run_child("paired", stage, root, argv + ["--scan-layers", "0"])
-                pr["step_s"]["jax_unrolled"] = un["step_s"]["jax"]
-                pr["step_s"]["torch_during_unrolled"] = un["step_s"]["torch"]
-            med = {fw: float(np.median(v)) for fw, v in pr["step_s"].items()}
-            print(f"stage {stage} timed: " + ", ".join(f"{fw} {B * S / m:,.0f} tok/s" for fw, m in med.items()),
-                  flush=True)
+            # 2. timing: both in one process, steps alternating; default threads, then one thread each
+            for threads in a.threads.split(","):
+                env = ONE_THREAD_ENV if threads == "1" else None
+                pr = paired[(stage, threads)] = run_child("paired", stage, root, argv, env)
+                if a.unrolled and threads == "all":
+                    un = run_child("paired", stage, root, argv + ["--scan-layers", "0"])
+                    pr["step_s"]["jax_unrolled"] = un["step_s"]["jax"]
+                    pr["step_s"]["torch_during_unrolled"] = un["step_s"]["torch"]
+                med = {fw: float(np.median(v)) for fw, v in pr["step_s"].items()}
+                print(f"stage {stage} timed, threads {threads}: "
+                      + ", ".join(f"{fw} {B * S / m:,.0f} tok/s" for fw, m in med.items()), flush=True)
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -481,17 +496,17 @@ def main():
         print(f"  stage {s}: {fl[s]['flops_per_token'] / 1e6:.1f} MFLOP/token "
               f"(N = {fl[s]['N_matmul_per_specialist'] / 1e6:.2f}M matmul params per specialist)")
     mfu = {}
-    if rj["platform"] in ("gpu", "cuda", "tpu") and a.peak_tflops > 0:
+    if rj["platform"] in ("gpu", "cuda", "tpu") and a.peak_tflops > 0 and all((s, "all") in paired for s in stages):
         for s in stages:
             for fw in ("jax", "torch"):
-                tok_s = B * S / float(np.median(paired[s]["step_s"][fw]))
+                tok_s = B * S / float(np.median(paired[(s, "all")]["step_s"][fw]))
                 mfu[(fw, s)] = tok_s * fl[s]["flops_per_token"] / (a.peak_tflops * 1e12)
                 print(f"  MFU stage {s} {fw}: {100 * mfu[(fw, s)]:.1f}% of {a.peak_tflops:g} TFLOP/s")
     elif rj["platform"] in ("gpu", "cuda", "tpu"):
         print("  (pass --peak-tflops for MFU)")
     print(json.dumps({"machine": mach, "args": {k: v for k, v in vars(a).items() if k not in ("child", "stage")},
                       "isolated": {f"{fw}_s{s}": r for (fw, s), r in iso.items()},
-                      "paired": {f"s{s}": r for s, r in paired.items()}, "checks": checks,
+                      "paired": {f"s{s}_threads_{t}": r for (s, t), r in paired.items()}, "checks": checks,
                       "flops_per_token": {s: f["flops_per_token"] for s, f in fl.items()},
                       "mfu": {f"{fw}_s{s}": v for (fw, s), v in mfu.items()}}))
 
@@ -518,12 +533,14 @@ def main():
             "- Parity first: each framework alone, in its own process, computes the loss and every gradient on "
             "the same weights and batch (the run stops on a mismatch beyond float32 tolerance), then runs its "
             "warm-up steps: peak RSS and the first step (compile for JAX) come from that process.",
-            f"- Timing: both frameworks in one process, steps alternating (so both see the same load), {a.warmup} "
-            f"warm-up steps each excluded, median of {a.steps} timed steps. tokens/s = B x S positions of the "
-            "fused batch per second (each position runs through all three specialists).", "",
-            f"Machine: {mach}; the 2 cores were shared with other jobs during the run, so absolute numbers move "
-            f"from run to run (ratios are taken from alternating steps). {rj['version']}; {rt['version']}. "
-            f"Measured {time.strftime('%Y-%m-%d')}.", "",
+            f"- Timing: both frameworks in one process, steps alternating with a {PAUSE_S} s pause (so both see "
+            f"the same load), {a.warmup} warm-up steps each excluded, median (and best) of {a.steps} timed steps; "
+            "threads 'all' = each framework's default (2 here), '1' = one thread each (XLA:CPU without its "
+            "Eigen pool, `torch.set_num_threads(1)`). tokens/s = B x S positions of the fused batch per second "
+            "(each position runs through all three specialists).", "",
+            f"Machine: {mach}; the 2 cores were shared with other jobs (3 other sessions' tests and runs) during "
+            f"the run, so absolute numbers move from run to run. {rj['version']}; {rt['version']}. "
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
             *lines, "",
             NOTES, "",
             "No GPU or TPU was lent to this task, so MFU of stage 2 on an accelerator is not measured here. "
