@@ -109,7 +109,7 @@ def make_inputs(root: Path, a) -> None:
             "b2": np.zeros((), np.float32)}
     save_gate(gate, GateConfig(input_size=D, hidden_size=H, num_experts=len(NAMES), specialist_names=NAMES),
               root / "gate")
-    # batch, laid out as fusion_jax.ultrafuser.data.Renderer renders: [pad | prompt_k | response EOS | pad]
+    # batch, laid out as fusion_jax.data.templates.layout_multi lays out: [pad | prompt_k | response EOS | pad]
     K, B, S, P = len(NAMES), a.bpd * len(NAMES), a.seq, a.prompt_len
     ids = np.zeros((K, B, S), np.int32)
     att = np.zeros((K, B, S), np.int32)
