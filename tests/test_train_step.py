@@ -177,3 +177,22 @@ def test_bad_batches_are_config_errors():
         tr.run([{"x": np.ones((6, 2), np.float32)}])
     with pytest.raises(ConfigError, match=r"batch: every array needs the same leading \(batch\) dim"):
         tr.run([{"x": np.ones((4, 2), np.float32), "y": np.ones((3,), np.float32)}])
+
+
+def test_lr_multipliers_equal_adamw_at_scaled_lr():
+    """A param group with lr multiplier s takes exactly AdamW's step at lr * s (weight decay included),
+    and the Trainer builds (and shards) the optimizer state with multipliers set."""
+    flat = {"gate/w": jnp.ones((4, 3)), "body/w": jnp.full((4, 3), 2.0)}
+    grads = {"gate/w": jnp.full((4, 3), 0.5), "body/w": jnp.full((4, 3), -0.25)}
+    cfg = OptimizerConfig(learning_rate=1e-2, weight_decay=0.1, warmup_steps=0, schedule="constant",
+                          grad_clip=None, lr_multipliers=(("^gate/", 10.0),))
+    tx, _ = build_optimizer(cfg, flat, total_steps=10)
+    upd, _ = tx.update(grads, tx.init(flat), flat)
+    for name, lr in (("gate/w", 1e-1), ("body/w", 1e-2)):
+        ref = optax.adamw(lr, weight_decay=0.1, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)
+        r, _ = ref.update({name: grads[name]}, ref.init({name: flat[name]}), {name: flat[name]})
+        np.testing.assert_allclose(upd[name], r[name], rtol=1e-6)
+    g, params, axes = _toy()
+    tr = Trainer(nnx_causal_lm_loss(g), params, dict(learning_rate=1e-2, lr_multipliers={"up": 3.0}),
+                 TrainerConfig(total_steps=1, progress=False), param_logical_axes=axes)
+    assert np.isfinite(tr.step_fn(next(iter(toy_batches(1, 4, 8))))["loss"])

@@ -110,23 +110,29 @@ def build_optimizer(cfg: OptimizerConfig, flat_params: Mapping[str, Any], total_
     """
     sched = build_schedule(cfg, total_steps)
 
-    def adamw(scale: float) -> optax.GradientTransformation:
-        s = sched if scale == 1.0 else (lambda step: sched(step) * scale)
-        return optax.adamw(s, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                           mask=decay_mask(cfg, flat_params) if cfg.weight_decay else None)
-
-    if cfg.lr_multipliers:
-        pats = [(re.compile(p), float(s)) for p, s in cfg.lr_multipliers]
-        labels = {}
-        for k in flat_params:
-            labels[k] = next((f"x{s!r}" for r, s in pats if r.search(k)), "x1.0")
-        scales = {f"x{s!r}": s for _, s in pats}
-        scales["x1.0"] = 1.0
-        inner = optax.multi_transform({lab: adamw(s) for lab, s in scales.items()}, labels)
-    else:
-        inner = adamw(1.0)
+    inner = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                        mask=decay_mask(cfg, flat_params) if cfg.weight_decay else None)
     chain = []
     if cfg.grad_clip is not None and cfg.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
     chain.append(inner)
+    if cfg.lr_multipliers:
+        # AdamW's update (decoupled weight decay included) is linear in the learning rate, so scaling the
+        # final update of a param by s is AdamW at lr * s. One optimizer state for all params (unlike
+        # optax.multi_transform, whose masked per-group states cannot carry shardings).
+        pats = [(re.compile(p), float(s)) for p, s in cfg.lr_multipliers]
+        chain.append(_scale_updates({k: next((s for r, s in pats if r.search(k)), 1.0) for k in flat_params}))
     return optax.chain(*chain), sched
+
+
+def _scale_updates(scales: Mapping[str, float]) -> optax.GradientTransformation:
+    """Multiply the update of each param (a flat dict keyed like ``scales``) by a constant."""
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        del params
+        return {k: u if scales[k] == 1.0 else u * scales[k] for k, u in updates.items()}, state
+
+    return optax.GradientTransformation(init, update)
