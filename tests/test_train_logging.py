@@ -80,3 +80,15 @@ def test_logs_progress_and_resume_with_sampler(tmp_path, capsys):
     steps = sorted({s for s, _ in tb["loss"]})
     assert steps == [2, 4, 6]
     assert dict(tb["loss"])[6] == pytest.approx(rows[2]["loss"], rel=1e-6)
+
+
+def test_a_resumed_run_in_the_same_second_keeps_the_earlier_events(tmp_path):
+    """tensorboardX names event files by the second: a second writer must not overwrite the first's."""
+    from fusion_jax.train.metrics import MetricsLogger
+    a = MetricsLogger(tmp_path, enabled=True)
+    a.log(2, {"loss": 1.0})
+    a.close()
+    b = MetricsLogger(tmp_path, enabled=True)
+    b.log(4, {"loss": 2.0})
+    b.close()
+    assert sorted(read_tensorboard_scalars(tmp_path)["loss"]) == [(2, 1.0), (4, 2.0)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from typing import Any, Mapping
 
 import jax
@@ -32,7 +33,10 @@ class MetricsLogger:
             self._jsonl = open(self.jsonl_path, "a", buffering=1)
         if self._tb is None and self._tb_wanted:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(self.log_dir, flush_secs=10)
+            # Event files are named by wall-clock SECOND and host: a run resumed within the same second
+            # would overwrite the first run's file, so every writer gets its own suffix.
+            self._tb = SummaryWriter(self.log_dir, flush_secs=10,
+                                     filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not os.path.exists(self.jsonl_path):
