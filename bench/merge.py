@@ -10,15 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from fusion_jax.utils.hashing import stable_hash
 
 HERE = Path(__file__).resolve().parent
 
@@ -34,7 +34,6 @@ def make_models(root: Path, params: float, seed: int = 0):
                        dtype="bfloat16")
     shapes = llama_shapes(cfg)
     n = sum(int(np.prod(s)) for s in shapes.values())
-    rng = np.random.default_rng(seed)
     paths = []
     for i, name in enumerate(["base", "ft0", "ft1", "ft2"]):
         p = root / name
@@ -43,8 +42,8 @@ def make_models(root: Path, params: float, seed: int = 0):
         specs = [TensorSpec(k, s, ml_dtypes.bfloat16) for k, s in shapes.items()]
         with ShardedWriter(p, specs, "2GB") as w:
             for k, s in shapes.items():
-                r = np.random.default_rng([seed, i, abs(hash(k)) % 2**31])
-                base = np.random.default_rng([seed, abs(hash(k)) % 2**31]).standard_normal(s, np.float32) * 0.02
+                r = np.random.default_rng([seed, i, stable_hash(k, digest_size=4)])
+                base = np.random.default_rng([seed, stable_hash(k, digest_size=4)]).standard_normal(s, np.float32) * 0.02
                 if i:
                     base += r.standard_normal(s, np.float32) * 0.001
                 w.write(k, base.astype(ml_dtypes.bfloat16))
@@ -123,7 +122,7 @@ def main():
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     gb = 5 * n * 2 / 1e9
-    print(f"\n| run | wall s | peak RSS GB | GB/s (4 in + 1 out) |")
+    print("\n| run | wall s | peak RSS GB | GB/s (4 in + 1 out) |")
     print("|---|---|---|---|")
     for k, (s, rss) in results.items():
         print(f"| {k} | {s:.1f} | {rss:.2f} | {gb / s:.2f} |")

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fusion_jax.errors import ConfigError
+from fusion_jax.utils.configs import as_mapping
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor", "expert")
 LOGICAL_AXES: tuple[str, ...] = (
@@ -80,13 +81,7 @@ class MeshConfig:
             return cls()
         if isinstance(cfg, cls):
             return cfg
-        if hasattr(cfg, "to_dict"):
-            cfg = cfg.to_dict()
-        if not isinstance(cfg, Mapping):
-            raise ConfigError(f"mesh: expected a mapping of axis sizes {MESH_AXES}, got {type(cfg).__name__}")
-        unknown = sorted(set(cfg) - set(MESH_AXES))
-        if unknown:
-            raise ConfigError(f"mesh.{unknown[0]}: unknown mesh axis (known: {', '.join(MESH_AXES)})")
+        cfg = as_mapping(cfg, "mesh", MESH_AXES)
         kw = {}
         for k, v in cfg.items():
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)):

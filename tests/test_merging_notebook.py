@@ -1,7 +1,6 @@
 """colab/merge_dare.ipynb runs top to bottom on CPU at smoke size (no pip installs under the test)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest

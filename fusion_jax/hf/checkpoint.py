@@ -207,13 +207,7 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
         def one(row: mapping.Row) -> jax.Array:
-            if shardings is None:
-                sh = default
-            elif isinstance(shardings, jax.sharding.Sharding):
-                sh = shardings
-            else:
-                sh = mapping.get_path(shardings, row.path)
-            return _load_param(reader, row, config, pdt, sh)
+            return _load_param(reader, row, config, pdt, mapping.sharding_for(shardings, row.path, default))
 
         # Params are independent and preads / numpy copies release the GIL: a few threads overlap disk
         # reads with transposes. Memory does not grow with it (each thread fills final param buffers,

@@ -146,6 +146,14 @@ def hf_tensors(config: ModelConfig) -> Iterator[tuple[str, Row, int | None]]:
 
 
 # -- nested-dict helpers ---------------------------------------------------------------------------
+def sharding_for(shardings, path: tuple[str, ...], default):
+    """The sharding of the param at ``path``: ``shardings`` is None (-> ``default``), one Sharding for
+    every param, or a nested dict of Shardings shaped like the params."""
+    if shardings is None:
+        return default
+    return get_path(shardings, path) if isinstance(shardings, Mapping) else shardings
+
+
 def get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
     for k in path:
         tree = tree[k]

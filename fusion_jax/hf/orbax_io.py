@@ -68,12 +68,7 @@ def abstract_params(config: ModelConfig, shardings=None) -> dict:
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     out: dict = {}
     for row in mapping.table(config):
-        if shardings is None:
-            sh = default
-        elif isinstance(shardings, jax.sharding.Sharding):
-            sh = shardings
-        else:
-            sh = mapping.get_path(shardings, row.path)
+        sh = mapping.sharding_for(shardings, row.path, default)
         mapping.set_path(out, row.path, jax.ShapeDtypeStruct(row.our_shape(config), dt, sharding=sh))
     return out
 

@@ -12,12 +12,9 @@ points the way mergekit's registry does.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from fusion_jax.merging import rng
 

@@ -31,7 +31,6 @@ step; that state is never saved, so the latest checkpoint stays the last good on
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math

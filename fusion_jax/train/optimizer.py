@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import optax
 
 from fusion_jax.errors import ConfigError
+from fusion_jax.utils.configs import as_mapping
 
 _SCHEDULES = ("cosine", "linear", "constant")
 
@@ -41,15 +42,9 @@ class OptimizerConfig:
             return cls()
         if isinstance(cfg, cls):
             return cfg
-        if hasattr(cfg, "to_dict"):
-            cfg = cfg.to_dict()
-        if not isinstance(cfg, Mapping):
-            raise ConfigError(f"optimizer: expected a mapping, got {type(cfg).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
+        cfg = as_mapping(cfg, "optimizer", (f.name for f in dataclasses.fields(cls)))
         kw = {}
         for k, v in cfg.items():
-            if k not in names:
-                raise ConfigError(f"optimizer.{k}: unknown option (known: {', '.join(sorted(names))})")
             if k in ("weight_decay_exclude", "trainable") and v is not None:
                 v = (v,) if isinstance(v, str) else tuple(v)
             if k == "lr_multipliers":
