@@ -17,7 +17,8 @@ The real run (what the `paper` preset sets; give the paths and data):
                          (text), CodeLlama-13B-Instruct (code), WizardMath-13B (math): Llama-2-13B shaped,
                          32000-token Llama-2 vocabulary. Checked (files, architecture, vocabulary) before
                          any weight is read.
-  specialists.templates  each specialist's own prompt format, "{prompt}" marks the user turn (the paper
+  specialists.templates  each specialist's own prompt format, "{prompt}" marks the user turn, or "chat"
+                         for the (shared) tokenizer's chat template (the paper
                          renders every example in every specialist's template; responses line up).
   data.train_files.<d>   per domain a local .json/.jsonl/.parquet (or a Hub dataset name) with
                          prompt/response columns: UltraChat (text), Code-Alpaca/Magicoder (code),

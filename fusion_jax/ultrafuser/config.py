@@ -22,6 +22,7 @@ import ml_collections as mlc
 
 from fusion_jax.data.templates import DEMO_TEMPLATES as _DEMO
 from fusion_jax.errors import ConfigError
+from fusion_jax.ultrafuser.data import CHAT_TEMPLATE
 
 # Each specialist's own prompt format ("{prompt}" marks the user turn): the demo zoo's, one per domain
 # (fusion_jax.data.templates.DEMO_TEMPLATES); each specialist is fine-tuned in its own.
@@ -228,8 +229,9 @@ def validate(config) -> mlc.ConfigDict:
         t = c.specialists.templates.get(n)
         if t is None:
             raise ConfigError(f"specialists.templates.{n}: no prompt template for specialist {n!r}")
-        if str(t).count("{prompt}") != 1:
-            raise ConfigError(f"specialists.templates.{n}: must contain '{{prompt}}' exactly once, got {t!r}")
+        if str(t) != CHAT_TEMPLATE and str(t).count("{prompt}") != 1:
+            raise ConfigError(f"specialists.templates.{n}: must contain '{{prompt}}' exactly once (or be "
+                              f"{CHAT_TEMPLATE!r}: the tokenizer's chat template), got {t!r}")
     paths = list(c.specialists.paths)
     if paths and len(paths) != len(names):
         raise ConfigError(f"specialists.paths: {len(paths)} paths for {len(names)} specialists {names}")

@@ -21,8 +21,12 @@ from fusion_jax.errors import DataError
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
+CHAT_TEMPLATE = "chat"  # a template given as this word renders prompts with the tokenizer's chat template
+
+
 def templates_from_config(names: Sequence[str], formats: Mapping[str, str]) -> list[PromptTemplate]:
-    return [PromptTemplate(n, prompt=str(formats[n])) for n in names]
+    return [PromptTemplate(n, chat=True) if str(formats[n]) == CHAT_TEMPLATE
+            else PromptTemplate(n, prompt=str(formats[n])) for n in names]
 
 
 def render_sets(tokenizer, examples: Mapping[str, Sequence[dict]], templates: Sequence[PromptTemplate],

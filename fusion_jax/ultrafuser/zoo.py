@@ -144,8 +144,9 @@ def build_zoo(c, mesh, log: Callable[[str], None] = print) -> Path:
     from fusion_jax import hf
     from fusion_jax.data.demo_corpus import build_demo_corpus
     from fusion_jax.data.packing import encode_documents, pack_sequences
-    from fusion_jax.data.templates import PromptTemplate, render_dataset
+    from fusion_jax.data.templates import render_dataset
     from fusion_jax.models import CausalLM
+    from fusion_jax.ultrafuser.data import templates_from_config
     from fusion_jax.train.losses import nnx_causal_lm_loss
 
     out = zoo_dir(c)
@@ -195,8 +196,7 @@ def build_zoo(c, mesh, log: Callable[[str], None] = print) -> Path:
     base = host_tree(base)
     t = time.perf_counter()
     rows = {}
-    for d in names:
-        tmpl = PromptTemplate(d, prompt=str(c.specialists.templates[d]))
+    for d, tmpl in zip(names, templates_from_config(names, c.specialists.templates)):
         r = render_dataset(tok, corpus[d]["train"], tmpl, S, domains=(d,), max_prompt_len=int(c.data.max_prompt_len))
         rows[d] = {k: r[k] for k in ("input_ids", "attention_mask", "loss_mask")}
     stacked0 = jax.tree.map(lambda x: np.stack([x] * len(names)), base)

@@ -1,0 +1,41 @@
+"""Specialist templates from the config: a format string, or "chat" for the tokenizer's chat template."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fusion_jax.data.templates import encode_prompts
+from fusion_jax.data.tokenizer import train_tokenizer
+from fusion_jax.errors import ConfigError
+from fusion_jax.ultrafuser import config as ucfg
+from fusion_jax.ultrafuser.data import CHAT_TEMPLATE, render_sets, templates_from_config
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = ["the quick brown fox jumps over the lazy dog", "def add(a, b): return a + b", "2 + 2 = 4"] * 30
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "t", vocab_size=300, min_frequency=1)
+
+
+def test_chat_word_uses_the_tokenizers_chat_template_and_responses_stay_aligned(tok):
+    ts = templates_from_config(["text", "chat"], {"text": "Q: {prompt}\nA: ", "chat": CHAT_TEMPLATE})
+    assert not ts[0].chat and ts[1].chat
+    want = tok.apply_chat_template([{"role": "user", "content": "add two numbers"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert tok.decode(encode_prompts(tok, ts[1], ["add two numbers"])[0]) == want
+    ex = {"text": [{"prompt": "add two numbers", "response": "def add(a, b): return a + b"}]}
+    arr = render_sets(tok, ex, ts, seq_len=64, max_prompt_len=40)["text"]
+    ids, mask = arr["input_ids"][0], arr["loss_mask"][0]
+    # the response tokens sit at the same positions in both templates' rows
+    resp = np.flatnonzero(mask)
+    assert len(resp) and np.array_equal(ids[0, resp], ids[1, resp])
+    assert not np.array_equal(ids[0], ids[1])
+
+
+def test_config_accepts_chat_and_rejects_a_template_without_prompt():
+    c = ucfg.get_config("smoke")
+    c.specialists.templates.code = CHAT_TEMPLATE
+    ucfg.validate(c)
+    c.specialists.templates.code = "no placeholder"
+    with pytest.raises(ConfigError, match="specialists.templates.code"):
+        ucfg.validate(c)
