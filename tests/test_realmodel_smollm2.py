@@ -178,3 +178,41 @@ def test_ties_merge_of_real_model_matches_mergekit(smollm2, tmp_path):
     assert np.abs(a - b).max() <= 1e-3 * np.abs(b).max()
     # the base's tokenizer travels with the merge, so the output directory is usable as it is
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "fj")("hi")["input_ids"] == tok("hi")["input_ids"]
+
+
+def test_ultrafuser_paper_preset_on_the_real_model(smollm2, tmp_path):
+    """The `paper` preset end to end on real HF specialists (three copies of SmolLM2, its 49k tokenizer,
+    one specialist on its chat template), tiny schedule: checks the real loading, rendering, training,
+    evaluation and export path, not the quality."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    from fusion_jax.data.demo_corpus import build_demo_corpus
+    ckpt, _, _ = smollm2
+    corpus = build_demo_corpus(seed=0, n_train=40, n_eval=8)
+    args = [sys.executable, "train.py", "--config=configs/ultrafuser.py:paper",
+            f"--config.specialists.paths=('{ckpt}','{ckpt}','{ckpt}')", "--config.specialists.templates.text=chat",
+            "--config.specialists.dtype=float32", f"--config.output_dir={tmp_path / 'runs'}",
+            "--config.data.seq_len=96", "--config.data.max_prompt_len=48", "--config.data.max_eval_examples=2",
+            "--config.data.mixed_eval_examples=2", "--config.loss_chunk=32", "--config.eval.batch_size=2",
+            "--config.eval.max_new_tokens=8", "--config.stage1.steps=2", "--config.stage1.batch_per_domain=1",
+            "--config.stage2.steps=1", "--config.stage2.batch_per_domain=1"]
+    for d, splits in corpus.items():
+        for split, rows in splits.items():
+            f = tmp_path / f"{d}_{split}.jsonl"
+            f.write_text("".join(json.dumps({"prompt": r["prompt"], "response": r["response"]}) + "\n"
+                                 for r in rows))
+            args.append(f"--config.data.{'train' if split == 'train' else 'eval'}_files.{d}={f}")
+    r = subprocess.run(args, capture_output=True, text=True, timeout=1200, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "runs" / "ultrafuser_paper"
+    report = json.loads((out / "report.json").read_text())
+    # no `base` model when the specialists are given (the demo zoo has one)
+    assert set(report["eval_loss"]) >= {"fused", "text", "code", "math"}
+    assert set(report["gate_weights"]) == {"text", "code", "math", "mixed"}
+    assert all(np.isfinite(v) for m in report["eval_loss"].values() for v in m.values())
+    spec = out / "fused" / "specialists" / "code"
+    assert transformers.AutoTokenizer.from_pretrained(spec)("x")["input_ids"]
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(spec)).__name__ == "LlamaForCausalLM"
