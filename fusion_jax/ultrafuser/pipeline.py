@@ -30,6 +30,11 @@ from fusion_jax.ultrafuser import evaluate as uev
 from fusion_jax.ultrafuser import report as ureport
 from fusion_jax.ultrafuser.zoo import barrier, is_main
 
+# The gate's output bias b2 is one scalar added to EVERY specialist's score, so the softmax cancels it:
+# its gradient is zero up to rounding, which Adam would turn into an arbitrary drift. It stays in the
+# gate (the paper's MLP, and the exported format) but is never trained.
+STAGE1_TRAINABLE = r"^gate/(w1|b1|w2)$"
+STAGE2_TRAINABLE = r"^(?!gate/b2$)"
 BASE_TEMPLATE = "{prompt}\n"   # the demo base was pre-trained on "prompt\nresponse" documents
 
 
@@ -125,7 +130,7 @@ def run_stage(stage: int, fm, train_sets: dict, c, mesh, work: Path):
                        # stage 1: the frozen specialists are re-read from their files on resume
                        save_frozen=stage != 1)
     trainer = Trainer(fm.trainer_loss_fn(int(c.loss_chunk)), fm.train_params(), opt, tc,
-                      trainable=r"^gate/" if stage == 1 else None, mesh=mesh,
+                      trainable=STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE, mesh=mesh,
                       param_logical_axes=fm.train_logical_axes(), meta={"stage": stage})
     try:
         result = trainer.run(sampler)
