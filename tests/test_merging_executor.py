@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from fusion_jax.cli import main
-from fusion_jax.errors import ShapeMismatchError
+from fusion_jax.errors import ConfigError, ShapeMismatchError
 from fusion_jax.hf.safetensors_io import SafetensorsReader
 from fusion_jax.merging import execute, load_config, merge, plan_merge
 from fusion_jax.hf.files import TOKENIZER_FILES
@@ -197,3 +197,46 @@ def test_finetune_without_tokenizer_shares_the_base_tokenizer(tmp_path):
     with SafetensorsReader(tmp_path / "o") as a, SafetensorsReader(tmp_path / "p") as b:
         for n in a.names():
             assert a.get(n).tobytes() == b.get(n).tobytes(), n
+
+
+def test_bad_sizes_and_parameter_values_are_config_errors(tmp_path):
+    base, fts = make_family(tmp_path, n_finetunes=1, seed=6)
+    cfg = {"merge_method": "della", "base_model": str(base),
+           "models": [{"model": str(fts[0]), "parameters": {"weight": 1.0, "density": 0.95, "epsilon": 0.15}}]}
+    with pytest.raises(ConfigError, match="--out-shard-size"):
+        merge(cfg, tmp_path / "a", out_shard_size="5 gigs", quiet=True)
+    # density + epsilon > 1: refused naming the tensor, and nothing is left at the output path
+    with pytest.raises(ConfigError, match="tensor '"):
+        merge(cfg, tmp_path / "b", quiet=True)
+    assert not (tmp_path / "b").exists()
+
+
+def test_directory_without_index_reads_model_safetensors_only(tmp_path):
+    """Like transformers: an index-less directory means model.safetensors, whatever else lies beside it
+    (Mistral's consolidated.safetensors, an adapter_model.safetensors)."""
+    from safetensors.numpy import save_file
+    base, fts = make_family(tmp_path, n_finetunes=1, seed=7)
+    save_file({"layers.0.attention.wq.weight": np.zeros((4, 4), np.float32)},
+              str(base / "consolidated.safetensors"))
+    with SafetensorsReader(base) as r:
+        names = set(r.names())
+    assert "layers.0.attention.wq.weight" not in names
+    merge({"merge_method": "linear", "models": [{"model": str(base), "parameters": {"weight": 0.5}},
+                                               {"model": str(fts[0]), "parameters": {"weight": 0.5}}]},
+          tmp_path / "o", quiet=True)
+    with SafetensorsReader(tmp_path / "o") as r:
+        assert set(r.names()) == names
+
+
+def test_frankenmerge_rebuilds_per_layer_config_lists(tmp_path):
+    base, fts = make_family(tmp_path, n_finetunes=1, seed=8, layers=3)
+    for d in (base, fts[0]):
+        c = json.loads((d / "config.json").read_text())
+        c["layer_types"] = ["sliding_attention", "full_attention", "sliding_attention"]
+        (d / "config.json").write_text(json.dumps(c))
+    merge({"merge_method": "passthrough", "slices": [{"sources": [{"model": str(base), "layer_range": [0, 2]}]},
+                                                     {"sources": [{"model": str(fts[0]), "layer_range": [1, 3]}]}]},
+          tmp_path / "o", quiet=True)
+    out = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert out["num_hidden_layers"] == 4
+    assert out["layer_types"] == ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]

@@ -148,6 +148,10 @@ class SafetensorsReader:
             files = [self.path]
         elif (self.path / INDEX_NAME).is_file():
             files = self._files_from_index(self.path / INDEX_NAME)
+        elif (self.path / SINGLE_NAME).is_file():
+            # without an index transformers reads model.safetensors only (a directory may also hold
+            # consolidated.safetensors in Mistral's naming, or adapter_model.safetensors)
+            files = [self.path / SINGLE_NAME]
         elif self.path.is_dir():
             files = sorted(self.path.glob("*.safetensors"))
             if not files:

@@ -220,9 +220,11 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
     for n in pre:
         add(n, [n] * len(slices[0].sources), slices[0], 0.0)
     out_layer = 0
+    source_layer = []  # the first source's layer index behind each output layer
     for sl in slices:
         n_layers = sl.sources[0].layer_range[1] - sl.sources[0].layer_range[0]
         for off in range(n_layers):
+            source_layer.append(sl.sources[0].layer_range[0] + off)
             t = off / (n_layers - 1) if n_layers > 1 else 1.0
             for tmpl in layer_templates:
                 add(tmpl.format(out_layer), [tmpl.format(s.layer_range[0] + off) for s in sl.sources], sl, t)
@@ -233,6 +235,10 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
     out_config = dict(donor.config)
     if cfg.slices is not None and "num_hidden_layers" in out_config:
         out_config["num_hidden_layers"] = out_layer
+        # per-layer lists (Qwen2's layer_types: sliding or full attention) follow their source layers;
+        # transformers checks len(layer_types) == num_hidden_layers
+        if isinstance(out_config.get("layer_types"), list):
+            out_config["layer_types"] = [out_config["layer_types"][i] for i in source_layer]
     if out_dtype_name:
         out_config["torch_dtype" if "torch_dtype" in out_config else "dtype"] = out_dtype_name
     plan = Plan(cfg, models, jobs, donor, out_config, compute_dtype=cfg.dtype)
@@ -462,6 +468,12 @@ class _Runner:
         return (s.family == "task_vector" and s.sparsify in (None, "random")) or s.family == "linear"
 
     def run_job(self, job: Job, writer: ShardedWriter) -> int:
+        try:
+            return self._run_job(job, writer)
+        except ValueError as e:  # a method refusing its parameters (e.g. della's density +- epsilon)
+            raise ConfigError(f"tensor {job.name!r}: {e}") from None
+
+    def _run_job(self, job: Job, writer: ShardedWriter) -> int:
         in_bytes = sum(self.plan.models[m].reader.info(n).nbytes for m, n in job.inputs)
         cd = self.plan.compute_dtype
         if job.vocab:
@@ -593,6 +605,11 @@ def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size
           overwrite: bool = False, quiet: bool = False, workers: int | None = None,
           memory_budget="256MB") -> dict:
     """Python API: merge per a mergekit YAML path (or dict or MergeConfig) into ``out_dir``."""
+    for opt, size in (("--out-shard-size", out_shard_size), ("memory_budget", memory_budget)):
+        try:
+            parse_size(size)
+        except ValueError as e:
+            raise ConfigError(f"{opt}: {e}") from None
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out = Path(out_dir)
     if out.exists() and not overwrite:

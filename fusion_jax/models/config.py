@@ -200,7 +200,8 @@ class ModelConfig:
             kw["attention_bias"] = bias
             kw["o_bias"] = bias
             kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
-            sw = hf.get("sliding_window") if model_type == "mistral" else None
+            # MistralConfig's default is 4096 when config.json has no sliding_window key at all
+            sw = hf.get("sliding_window", 4096) if model_type == "mistral" else None
             kw["sliding_window"] = int(sw) if sw is not None else None
         dt = hf.get("dtype") or hf.get("torch_dtype")
         if dt is not None:
