@@ -74,8 +74,12 @@ def global_batch(local_batch: Any, shardings: Any) -> Any:
     """Process-local numpy batch (pytree) -> global jax.Arrays with the given NamedShardings."""
     if jax.process_count() == 1:
         return jax.device_put(local_batch, shardings)
-    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(s, np.asarray(x)),
-                        local_batch, shardings)
+    # global_shape: without it a dim that the sharding does not split across processes (a batch that
+    # fell back to replication) would be taken to be this process's rows alone, and hosts would hold
+    # different data in a "replicated" array.
+    n = jax.process_count()
+    return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(
+        s, np.asarray(x), (np.shape(x)[0] * n,) + np.shape(x)[1:]), local_batch, shardings)
 
 
 def process_batch_slice(global_batch_size: int, process_index: int | None = None,

@@ -2,7 +2,7 @@
 
 The optimizer acts on the trainer's flat dict of *trainable* params only (see ``state.ParamSplit``):
 frozen params get neither gradients nor optimizer state. ``lr_multipliers`` gives regex-selected groups
-their own learning-rate scale through ``optax.multi_transform``.
+their own learning-rate scale (a per-param scale of AdamW's final update, i.e. AdamW at lr * s).
 """
 from __future__ import annotations
 

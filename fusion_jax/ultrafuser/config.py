@@ -160,6 +160,8 @@ def _paper(c: mlc.ConfigDict) -> None:
     domain; AdamW lr 2e-5 cosine. ``specialists.paths`` and ``data.*_files`` must be given."""
     c.name = "ultrafuser_paper"
     c.specialists.dtype = "bfloat16"
+    # fp32 master weights: AdamW steps of lr 2e-5 on bf16 params round to no change for most weights
+    c.specialists.param_dtype = "float32"
     c.specialists.templates = mlc.ConfigDict({
         "text": "User: {prompt}\nAssistant: ",                                   # UltraLM
         "code": "[INST] {prompt} [/INST]",                                        # CodeLlama-Instruct
@@ -253,6 +255,21 @@ def validate(config) -> mlc.ConfigDict:
             raise ConfigError(f"{st}.batch_per_domain: must be >= 1, got {s.batch_per_domain}")
         if not float(s.learning_rate) > 0:
             raise ConfigError(f"{st}.learning_rate: must be > 0, got {s.learning_rate}")
+        # the rest of the stage's optimizer options, checked now rather than after the zoo and evals
+        from fusion_jax.train.optimizer import OptimizerConfig
+        try:
+            OptimizerConfig(learning_rate=float(s.learning_rate), schedule=str(s.schedule),
+                            warmup_steps=int(s.warmup_steps), end_lr_ratio=float(s.end_lr_ratio),
+                            weight_decay=float(s.weight_decay), grad_clip=float(s.grad_clip)).validate()
+        except ConfigError as e:
+            raise ConfigError(f"{st}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{st}: {e}") from None
+    if int(c.loss_chunk) < 1:
+        raise ConfigError(f"loss_chunk: must be >= 1 (positions per fused-loss chunk), got {c.loss_chunk}")
+    if int(c.eval.generate_examples) > 0 and int(c.eval.max_new_tokens) < 1:
+        raise ConfigError(f"eval.max_new_tokens: must be >= 1 when eval.generate_examples > 0, "
+                          f"got {c.eval.max_new_tokens}")
     if int(c.data.seq_len) < 8:
         raise ConfigError(f"data.seq_len: must be at least 8, got {c.data.seq_len}")
     if not 0 < int(c.data.max_prompt_len) < int(c.data.seq_len):

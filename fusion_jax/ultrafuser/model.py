@@ -22,10 +22,14 @@ from fusion_jax.ultrafuser.gate import GateConfig, gate_weights, init_gate
 
 
 def check_compatible(configs: Sequence[Any], names: Sequence[str]) -> None:
-    """All specialists must share architecture, shapes and vocabulary (one tokenizer, stacked params)."""
+    """All specialists must share architecture, shapes and vocabulary (one tokenizer, stacked params),
+    and everything else the one shared graph computes with (rope, norm eps, activation, windows): the
+    stacked forward runs every specialist with the first one's config, and the export writes it."""
     ref = configs[0]
     keys = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-            "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "mlp_bias")
+            "num_kv_heads", "head_dim", "tie_word_embeddings", "attention_bias", "o_bias", "mlp_bias",
+            "rope_theta", "rope_scaling", "rms_norm_eps", "hidden_act", "sliding_window", "sliding_layers",
+            "max_position_embeddings")
     for cfg, name in zip(configs[1:], names[1:]):
         for k in keys:
             a, b = getattr(ref, k, None), getattr(cfg, k, None)

@@ -252,18 +252,18 @@ def run(config) -> dict:
     timings["eval_fused_s"] = time.perf_counter() - t
     _log("fused: " + ", ".join(f"{d} {v:.3f}" for d, v in eval_loss["fused"].items()))
 
-    samples = []
-    if int(c.eval.generate_examples) > 0 and jax.process_count() == 1:
-        t = time.perf_counter()
-        samples = _samples(fm, tok, eval_ex, domains, templates, c)
-        timings["generate_s"] = time.perf_counter() - t
-
     # -- 6. outputs ------------------------------------------------------------------------------------------
     t = time.perf_counter()
     formats = {n: str(c.specialists.templates[n]) for n in names}
     save_fused(fm, out_dir / "fused", templates=formats, tokenizer_dir=tok_path,
                extra={"seq_len": S, "max_prompt_len": Pmax, "sources": dict(zip(names, paths))})
     timings["export_s"] = time.perf_counter() - t
+
+    samples = []
+    if int(c.eval.generate_examples) > 0 and jax.process_count() == 1:
+        t = time.perf_counter()
+        samples = _samples(fm, tok, eval_ex, domains, templates, c)
+        timings["generate_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t_start
     models = (["base"] if "base" in eval_loss else []) + ["fused"] + names
     report = {"eval_loss": {m: eval_loss[m] for m in models}, "gate_weights": gate_w}
