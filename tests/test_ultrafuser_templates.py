@@ -39,3 +39,9 @@ def test_config_accepts_chat_and_rejects_a_template_without_prompt():
     c.specialists.templates.code = "no placeholder"
     with pytest.raises(ConfigError, match="specialists.templates.code"):
         ucfg.validate(c)
+
+
+def test_bos_can_be_left_out_for_tokenizers_without_one(tok):
+    with_bos, without = (templates_from_config(["a"], {"a": "Q: {prompt}\nA: "}, bos=b)[0] for b in (True, False))
+    a, b = encode_prompts(tok, with_bos, ["hi"])[0], encode_prompts(tok, without, ["hi"])[0]
+    assert a[0] == tok.bos_token_id and a[1:] == b and tok.bos_token_id not in b

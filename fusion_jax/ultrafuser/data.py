@@ -24,9 +24,12 @@ BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 CHAT_TEMPLATE = "chat"  # a template given as this word renders prompts with the tokenizer's chat template
 
 
-def templates_from_config(names: Sequence[str], formats: Mapping[str, str]) -> list[PromptTemplate]:
+def templates_from_config(names: Sequence[str], formats: Mapping[str, str], *, bos: bool = True
+                          ) -> list[PromptTemplate]:
+    """``bos``: prepend the tokenizer's BOS to format-string prompts (pass False for tokenizers that have
+    none, e.g. Qwen2's; a chat template writes its own)."""
     return [PromptTemplate(n, chat=True) if str(formats[n]) == CHAT_TEMPLATE
-            else PromptTemplate(n, prompt=str(formats[n])) for n in names]
+            else PromptTemplate(n, prompt=str(formats[n]), bos=bos) for n in names]
 
 
 def render_sets(tokenizer, examples: Mapping[str, Sequence[dict]], templates: Sequence[PromptTemplate],

@@ -47,8 +47,11 @@ def _init_distributed(c) -> None:
     from fusion_jax.train import distributed
     d = c.distributed
     if str(d.coordinator_address):
+        # the config's "unset" values (0 processes, id -1) fall back to FUSION_NUM_PROCESSES /
+        # FUSION_PROCESS_ID, so one config serves every host
         distributed.initialize({"coordinator_address": str(d.coordinator_address),
-                                "num_processes": int(d.num_processes), "process_id": int(d.process_id)})
+                                "num_processes": int(d.num_processes) if int(d.num_processes) > 0 else None,
+                                "process_id": int(d.process_id) if int(d.process_id) >= 0 else None})
     else:
         distributed.initialize(None)   # FUSION_* environment variables, if set
 
@@ -196,7 +199,7 @@ def run(config) -> dict:
     # -- 3. render: every example in every specialist's template ---------------------------------------------
     t = time.perf_counter()
     S, Pmax = int(c.data.seq_len), int(c.data.max_prompt_len)
-    templates = udata.templates_from_config(names, c.specialists.templates)
+    templates = udata.templates_from_config(names, c.specialists.templates, bos=tok.bos_token_id is not None)
     eval_ex = dict(eval_ex)
     eval_ex["mixed"] = udata.mixed_examples(eval_ex, tok, int(c.data.mixed_eval_examples), S - Pmax,
                                             int(c.data.seed) + 1)
