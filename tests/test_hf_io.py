@@ -18,7 +18,7 @@ from fusion_jax.cli import main as cli_main  # noqa: E402
 from fusion_jax.errors import (CheckpointError, ConfigError, CorruptFileError, FusionError,  # noqa: E402
                                MissingTensorError, ShapeMismatchError, UnknownArchitectureError)
 from fusion_jax.hf import load, save  # noqa: E402
-from fusion_jax.hf.safetensors_io import INDEX_NAME, SafetensorsReader, save_tensors  # noqa: E402
+from fusion_jax.hf.safetensors_io import HOST_ALIGN, INDEX_NAME, SafetensorsReader, save_tensors  # noqa: E402
 from hf_fixtures import cached_tiny_hf_model, make_tiny_hf_model, torch_reference  # noqa: E402
 
 IDS = np.random.RandomState(0).randint(3, 160, (2, 12))
@@ -297,12 +297,43 @@ def test_read_path_chunks_slices_casts_and_shared_reads(tmp_path_factory, monkey
             boxes = [tuple((k // 3, k - k // 4) for k in ours.shape), tuple((0, k // 2) for k in ours.shape),
                      tuple((k // 2, k) for k in ours.shape), tuple((0, k) for k in ours.shape)]
             for dt in (np.dtype(np.float32), np.dtype(ml_dtypes.bfloat16)):
-                targets = [(checkpoint._host_buffer(tuple(b - a for a, b in box), dt), box) for box in boxes]
+                targets = [(checkpoint.aligned_empty(tuple(b - a for a, b in box), dt), box) for box in boxes]
                 rows_read.clear()
                 checkpoint._read_tensor_into(reader, name, targets, row.transpose, dt)
                 assert sum(rows_read) == reader.shape(name)[0], name      # every HF row exactly once
                 for dest, box in targets:
-                    assert dest.ctypes.data % checkpoint._HOST_ALIGN == 0
+                    assert dest.ctypes.data % HOST_ALIGN == 0
                     np.testing.assert_array_equal(dest, ours[tuple(slice(a, b) for a, b in box)].astype(dt))
     finally:
         reader.close()
+
+
+def test_reads_are_aligned_and_read_flat_takes_a_flat_range(tmp_path):
+    """Every read lands in a 64-byte-aligned buffer (XLA:CPU adopts those without a copy), and
+    ``read_flat`` returns elements [lo, hi) of the flat view, refusing ranges outside the tensor."""
+    a = np.arange(6 * 7, dtype=np.float32).reshape(6, 7)
+    b = (np.arange(5 * 3) / 7).astype(ml_dtypes.bfloat16).reshape(5, 3)
+    save_tensors(tmp_path, {"a": a, "b": b})
+    with SafetensorsReader(tmp_path) as r:
+        for name, want in (("a", a), ("b", b)):
+            got = r.get(name)
+            assert got.ctypes.data % HOST_ALIGN == 0
+            np.testing.assert_array_equal(got, want)
+            flat = r.read_flat(name, 3, 11)
+            assert flat.ctypes.data % HOST_ALIGN == 0
+            np.testing.assert_array_equal(flat, want.reshape(-1)[3:11])
+        assert r.read_flat("a", 42, 42).size == 0
+        with pytest.raises(ValueError, match="'a'"):
+            r.read_flat("a", 40, 43)
+
+
+def test_malloc_tuning_applies_on_glibc_and_can_be_turned_off():
+    import subprocess
+    import sys
+    code = "from fusion_jax.utils.malloc import retain_freed_memory as r; print(r())"
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "FUSION_JAX_MALLOC_TUNING": "0"})
+    import platform
+    assert on.stdout.strip() == str(platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    assert off.stdout.strip() == "False"

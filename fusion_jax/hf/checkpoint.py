@@ -27,7 +27,8 @@ import numpy as np
 from fusion_jax.errors import (CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError)
 from fusion_jax.hf import mapping
 from fusion_jax.hf.files import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
-from fusion_jax.hf.safetensors_io import (INDEX_NAME, SafetensorsReader, TensorSpec, ShardedWriter)
+from fusion_jax.hf.safetensors_io import (INDEX_NAME, SafetensorsReader, ShardedWriter, TensorSpec,
+                                          aligned_empty)
 from fusion_jax.models.config import ModelConfig, canonical_dtype
 from fusion_jax.utils.atomic import atomic_directory
 
@@ -223,17 +224,8 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
         reader.close()
 
 
-_HOST_ALIGN = 64            # XLA:CPU adopts a 64-byte-aligned host buffer as the array, without a copy
 _LOAD_THREADS = min(4, os.cpu_count() or 1)
 _CHUNK_BYTES = 4 << 20      # HF rows read per pread when a tensor must be transposed, cast or column-sliced
-
-
-def _host_buffer(shape: tuple[int, ...], dt: np.dtype) -> np.ndarray:
-    """Uninitialised C-contiguous array whose data pointer is ``_HOST_ALIGN``-aligned."""
-    n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
-    raw = np.empty(n + _HOST_ALIGN, np.uint8)
-    off = (-raw.ctypes.data) % _HOST_ALIGN
-    return raw[off:off + n].view(dt).reshape(shape)
 
 
 def _norm_index(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -305,7 +297,7 @@ def _load_param(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype,
     dev_boxes = {d: _norm_index(idx, shape)
                  for d, idx in sharding.addressable_devices_indices_map(shape).items()}
     boxes = list(dict.fromkeys(dev_boxes.values()))
-    bufs = {box: _host_buffer(tuple(b - a for a, b in box), dt) for box in boxes}
+    bufs = {box: aligned_empty(tuple(b - a for a, b in box), dt) for box in boxes}
     if row.stacked:
         for i in range(config.num_layers):
             targets = [(bufs[box][i - box[0][0]], box[1:]) for box in boxes if box[0][0] <= i < box[0][1]]
@@ -319,7 +311,7 @@ def _load_param(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype,
         if box in used and device.platform == "cpu":
             # XLA:CPU would adopt the same host buffer for both devices: never alias two device arrays
             # (donating one would clobber the other). Accelerators copy on transfer anyway.
-            buf = _host_buffer(buf.shape, dt)
+            buf = aligned_empty(buf.shape, dt)
             np.copyto(buf, bufs[box])
         used.add(box)
         arrays.append(jax.device_put(buf, device))

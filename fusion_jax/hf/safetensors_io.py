@@ -44,6 +44,18 @@ _DTYPES: dict[str, np.dtype] = {
 }
 _CODES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 1024 * 1024  # the reference implementation's own bound
+HOST_ALIGN = 64  # XLA:CPU adopts a 64-byte-aligned host buffer as an array without a copy
+
+
+def aligned_empty(shape, dtype) -> np.ndarray:
+    """Uninitialised C-contiguous array whose data pointer is ``HOST_ALIGN``-aligned (numpy's own
+    allocations are only 16-byte aligned, and ``jax.device_put`` on the CPU copies those)."""
+    dtype = np.dtype(dtype)
+    shape = tuple(int(d) for d in shape)
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + HOST_ALIGN, np.uint8)
+    off = (-raw.ctypes.data) % HOST_ALIGN
+    return raw[off:off + n].view(dtype).reshape(shape)
 
 
 def dtype_from_code(code: str, where: str = "") -> np.dtype:
@@ -215,9 +227,9 @@ class SafetensorsReader:
         return fd
 
     def get(self, name: str) -> np.ndarray:
-        """Read one whole tensor into a new array (dtype as stored)."""
+        """Read one whole tensor into a new (64-byte aligned) array, dtype as stored."""
         info = self.info(name)
-        out = np.empty(info.shape, info.dtype)
+        out = aligned_empty(info.shape, info.dtype)
         if info.nbytes:
             _pread_into(self._fd(info.file), memoryview(out.reshape(-1).view(np.uint8)), info.start,
                         f"{info.file}: tensor {name!r}")
@@ -230,7 +242,7 @@ class SafetensorsReader:
         rows = max(stop - start, 0)
         shape = (rows,) + info.shape[1:]
         if out is None:
-            out = np.empty(shape, info.dtype)
+            out = aligned_empty(shape, info.dtype)
         elif out.shape != shape or out.dtype != info.dtype or not out.flags.c_contiguous:
             raise ValueError(f"read_rows({name!r}): out must be C-contiguous {shape} {info.dtype}, "
                              f"got {out.shape} {out.dtype}")
@@ -238,6 +250,19 @@ class SafetensorsReader:
             row_bytes = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
             _pread_into(self._fd(info.file), memoryview(out.reshape(-1).view(np.uint8)),
                         info.start + start * row_bytes, f"{info.file}: tensor {name!r}")
+        return out
+
+    def read_flat(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Elements ``start:stop`` of the tensor's flat (C-order) view, with one ``pread`` into a new
+        aligned 1-D array: a chunk of a tensor too large to hold whole."""
+        info = self.info(name)
+        numel = math.prod(info.shape)
+        if not 0 <= start <= stop <= numel:
+            raise ValueError(f"read_flat({name!r}): [{start}, {stop}) is outside its {numel} elements")
+        out = aligned_empty((stop - start,), info.dtype)
+        if out.nbytes:
+            _pread_into(self._fd(info.file), memoryview(out.view(np.uint8)),
+                        info.start + start * info.dtype.itemsize, f"{info.file}: tensor {name!r}")
         return out
 
     def get_slice(self, name: str, index: Sequence[slice] | tuple) -> np.ndarray:
