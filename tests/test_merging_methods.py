@@ -191,3 +191,31 @@ def test_della_keep_probabilities():
     kept = got != 0
     assert abs(kept.mean() - 0.5) < 0.02
     np.testing.assert_allclose(got[kept], (d / p)[kept], rtol=1e-5)
+
+
+@pytest.mark.parametrize("n,offset", [(4096, 0), (1 << 16, 3 << 16)])
+def test_l1_sums_are_the_fixed_halving_tree(n, offset):
+    """The streaming executor's L1 statistics: each partial is the halving tree over ROW elements in a
+    fixed order, so float32 NumPy adds in that order give the same bits (and float64 agrees)."""
+    import ml_dtypes
+
+    from fusion_jax.merging import kernels
+    r = np.random.default_rng(1)
+    base = (r.standard_normal(n) * 0.02).astype(ml_dtypes.bfloat16)
+    xs = [(base.astype(np.float32) + r.standard_normal(n) * 1e-3).astype(ml_dtypes.bfloat16) for _ in range(2)]
+    streams, dens = np.array([11, 12], np.uint32), (0.3, 0.8)
+    thr = np.array([rng.threshold(d) for d in dens], np.uint32)
+    got = np.asarray(kernels.l1_sums(base, tuple(xs), streams, thr, np.uint32(offset)))
+    blocks, lanes = kernels.layout(n)
+    assert got.shape == (2, 2, blocks, lanes)
+    for i, x in enumerate(xs):
+        d = np.abs(x.astype(np.float32) - base.astype(np.float32))
+        kept = np.where(rng.bits_np(n, int(streams[i]), offset) < thr[i], d, np.float32(0))
+        for j, v in enumerate((d, kept)):
+            t = v.reshape(blocks, kernels.ROW, lanes)
+            while t.shape[1] > 1:
+                h = t.shape[1] // 2
+                t = t[:, :h] + t[:, h:]
+            np.testing.assert_array_equal(got[i, j], t[:, 0])
+            np.testing.assert_allclose(kernels.host_sum(got[i, j]), v.astype(np.float64).sum(), rtol=1e-6)
+    assert 0.2 < kernels.host_sum(got[0, 1]) / kernels.host_sum(got[0, 0]) < 0.4

@@ -29,6 +29,7 @@ from fusion_jax.merging import kernels, rng
 from fusion_jax.merging.config import MergeConfig, Source, load_config, resolve_parameter
 from fusion_jax.merging.methods import merge_group, rescale_mode
 from fusion_jax.utils.atomic import atomic_directory
+from fusion_jax.utils.malloc import retain_freed_memory
 
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
 _NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
@@ -430,6 +431,8 @@ class _Runner:
     def __init__(self, plan: Plan, device: str, memory_budget: int):
         self.plan = plan
         self.devices = _device_setup(device)
+        if self.devices[0].platform == "cpu":
+            retain_freed_memory()  # XLA:CPU's chunk temporaries: reuse heap blocks, not fresh mmaps
         self.budget = memory_budget
         self.sharding = None
         if len(self.devices) > 1:
@@ -439,28 +442,17 @@ class _Runner:
 
     def put(self, a: np.ndarray):
         import jax
-        if self.sharding is not None and a.ndim == 1 and kernels.shardable_rows(a.shape[0], len(self.devices)):
+        if self.sharding is not None and a.ndim == 1 and kernels.shardable(a.shape[0], len(self.devices)):
             return jax.device_put(a, self.sharding)
         return jax.device_put(a, self.devices[0])
 
     def read(self, job: Job, lo: int | None = None, hi: int | None = None) -> list[np.ndarray]:
+        """Each input of ``job``, whole or elements ``lo:hi`` of its flat view (64-byte aligned, so
+        XLA:CPU adopts the buffers without a copy)."""
         out = []
         for m, n in job.inputs:
             r = self.plan.models[m].reader
-            if lo is None:
-                out.append(r.get(n))
-            else:
-                info = r.info(n)
-                a = np.empty(hi - lo, info.dtype)
-                fd = r._fd(info.file)
-                buf = memoryview(a.view(np.uint8))
-                got, off = 0, info.start + lo * info.dtype.itemsize
-                while got < len(buf):
-                    k = os.preadv(fd, [buf[got:]], off + got)
-                    if k <= 0:
-                        raise CheckpointError(f"{info.file}: tensor {n!r}: unexpected end of file")
-                    got += k
-                out.append(a)
+            out.append(r.get(n) if lo is None else r.read_flat(n, lo, hi))
         return out
 
     def streamable(self, job: Job) -> bool:
@@ -497,30 +489,52 @@ class _Runner:
         import jax.numpy as jnp
         spec = self.plan.config.spec
         n = job.numel
-        C = kernels.chunk_size(n)
+        C = kernels.chunk_size(n, len(self.devices))
         cd = self.plan.compute_dtype
         in_dtype = jnp.dtype(cd) if cd else None
+        nchunks = max(1, -(-n // C))
 
-        def chunk(i):
+        def load(i):
             lo, hi = i * C, min(n, (i + 1) * C)
             parts = [a[lo:hi] for a in arrays] if arrays is not None else self.read(job, lo, hi)
             return [self.put(kernels.pad_chunk(p, C)) for p in parts], lo, hi
 
-        nchunks = max(1, -(-n // C))
+        if arrays is not None:  # in memory: place every chunk once (no copy on the CPU) for both passes
+            placed = [load(i) for i in range(nchunks)]
+            chunks = placed.__iter__
+        else:  # over the memory budget: read chunk by chunk, once per pass
+            chunks = lambda: map(load, range(nchunks))  # noqa: E731
+
         out = np.empty(n, job.out_dtype)
         if spec.family == "linear":
             w = jnp.asarray([p["weight"] for p in job.per_input], jnp.float32)
-            for i in range(nchunks):
-                xs, lo, hi = chunk(i)
-                r = kernels.linear_chunk(tuple(xs), w, normalize=bool(job.shared["normalize"]),
-                                         in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
-                out[lo:hi] = np.asarray(r)[: hi - lo]
-            writer.write(job.name, out.reshape(job.shape))
-            return
-        bp = job.base_pos
-        nb = [i for i in range(len(job.inputs)) if i != bp]
+            kernel = lambda xs, lo: kernels.linear_chunk(  # noqa: E731
+                tuple(xs), w, normalize=bool(job.shared["normalize"]), in_dtype=in_dtype,
+                out_dtype=jnp.dtype(job.out_dtype))
+        else:
+            bp = job.base_pos
+            nb = [i for i in range(len(job.inputs)) if i != bp]
+            scales, streams, thr, full, weights = self._task_vector_scales(job, nb, chunks, in_dtype)
+            kernel = lambda xs, lo: kernels.task_vector_chunk(  # noqa: E731
+                xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, weights,
+                np.float32(job.shared["lambda"]), np.uint32(lo), random=spec.sparsify == "random",
+                full=full, consensus=spec.consensus, normalize=bool(job.shared["normalize"]),
+                in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+        pending = None  # copy chunk i out while chunk i+1 computes
+        for xs, lo, hi in chunks():
+            r = kernel(xs, lo)
+            if pending is not None:
+                out[pending[1]:pending[2]] = np.asarray(pending[0])[: pending[2] - pending[1]]
+            pending = (r, lo, hi)
+        out[pending[1]:pending[2]] = np.asarray(pending[0])[: pending[2] - pending[1]]
+        writer.write(job.name, out.reshape(job.shape))
+
+    def _task_vector_scales(self, job: Job, nb: list[int], chunks, in_dtype):
+        """Per-input rescale factors (1, 1/density, or mergekit's L1 ratio from a statistics pass over
+        ``chunks``), with the kernel's other per-input arguments."""
+        spec = self.plan.config.spec
         dens = [float(job.per_input[i].get("density", 1.0)) for i in nb]
-        weights = [float(job.per_input[i]["weight"]) for i in nb]
+        weights = np.asarray([float(job.per_input[i]["weight"]) for i in nb], np.float32)
         random = spec.sparsify == "random"
         full = tuple(d >= 1 for d in dens)
         mode = rescale_mode(job.shared["rescale"])
@@ -530,28 +544,16 @@ class _Runner:
         if random and mode == "inverse":
             scales = np.array([1.0 / d if 0 < d < 1 else 1.0 for d in dens], np.float32)
         elif random and mode == "l1" and not all(full):
-            before = np.zeros(len(nb))
-            after = np.zeros(len(nb))
-            for c in range(nchunks):
-                xs, lo, hi = chunk(c)
-                for k, i in enumerate(nb):
-                    if full[k]:
-                        continue
-                    before[k] += kernels.host_sum(kernels.abs_delta_sum(xs[bp], xs[i], in_dtype=in_dtype))
-                    after[k] += kernels.host_sum(kernels.kept_abs_delta_sum(
-                        xs[bp], xs[i], streams[k], thr[k], np.uint32(lo), in_dtype=in_dtype))
-            for k in range(len(nb)):
-                if not full[k] and before[k] >= 1e-7 and after[k] >= 1e-7:
-                    scales[k] = before[k] / after[k]
-        for c in range(nchunks):
-            xs, lo, hi = chunk(c)
-            r = kernels.task_vector_chunk(
-                xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, np.asarray(weights, np.float32),
-                np.float32(job.shared["lambda"]), np.uint32(lo), random=random, full=full,
-                consensus=spec.consensus, normalize=bool(job.shared["normalize"]), in_dtype=in_dtype,
-                out_dtype=jnp.dtype(job.out_dtype))
-            out[lo:hi] = np.asarray(r)[: hi - lo]
-        writer.write(job.name, out.reshape(job.shape))
+            sel = [k for k in range(len(nb)) if not full[k]]
+            bp = job.base_pos
+            parts = [kernels.l1_sums(xs[bp], tuple(xs[nb[k]] for k in sel), streams[sel], thr[sel],
+                                     np.uint32(lo), in_dtype=in_dtype) for xs, lo, _ in chunks()]
+            parts = np.stack([np.asarray(p) for p in parts], axis=2)  # [inputs, 2, chunks, blocks, lanes]
+            for j, k in enumerate(sel):
+                before, after = kernels.host_sum(parts[j, 0]), kernels.host_sum(parts[j, 1])
+                if before >= 1e-7 and after >= 1e-7:
+                    scales[k] = before / after
+        return scales, streams, thr, full, weights
 
 
 def execute(plan: Plan, out_dir: str | os.PathLike, *, device: str = "cpu", out_shard_size="5GB",

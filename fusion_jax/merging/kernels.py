@@ -3,8 +3,7 @@
 A tensor is processed in fixed-size chunks of its flat view (the last chunk zero-padded), so ONE
 compilation serves every tensor of every shape, memory stays bounded by a chunk, and randomness comes
 from the element's global index (see :mod:`.rng`). mergekit's L1 rescale needs two per-model sums over
-the whole tensor; those are a first pass of separate single-output reductions (XLA:CPU runs a lone
-fused reduction ~20x faster than a multi-output one, measured).
+the whole tensor; those are a first pass (``l1_sums``) before the apply pass.
 """
 from __future__ import annotations
 
@@ -14,9 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fusion_jax.hf.safetensors_io import aligned_empty
 from fusion_jax.merging import rng
 
-CHUNK = 1 << 22  # elements per chunk; a power of two so chunks never straddle 2**32 boundaries
+# Elements per chunk: powers of two, so chunks never straddle 2**32 index boundaries. On one device a
+# 512K chunk keeps the kernels' inputs and temporaries in cache (measured on 2 cores: 0.5 s less for a
+# 4 x 0.5B dare_ties than 4M chunks); on a mesh a 4M chunk gives each device 4M / devices elements and
+# is shardable over up to 128 devices.
+CHUNK = 1 << 19
+CHUNK_MESH = 1 << 22
 
 
 def _f32(x, in_dtype):
@@ -25,42 +30,86 @@ def _f32(x, in_dtype):
     return x.astype(jnp.float32)
 
 
-# The L1 sums are returned as one partial sum per row of ROW elements, and the host adds the partials in
-# float64. A whole-chunk ``.sum()`` would be reduced in a different order on 1 and on 8 devices (local sums,
-# then an all-reduce) and change the merged bytes; a row never straddles devices (see ``shardable_rows``)
-# and is summed by ``_row_sums`` in a fixed order, so each partial is identical whatever the mesh.
+# The L1 sums come back as partial sums of ROW elements each, LANES partials side by side ([blocks, LANES]),
+# and the host adds the partials in float64. A whole-chunk ``.sum()`` would be reduced in a different order
+# on 1 and on 8 devices (local sums, then an all-reduce) and change the merged bytes; a block never straddles
+# devices (see ``shardable``) and each partial is a fixed halving tree of element-wise adds (exact IEEE
+# operations in a fixed order), so every partial is identical whatever the mesh. XLA's own reduce picks its
+# association order from the local shape (measured: [16, 256] and [2, 256] rows sum differently).
 ROW = 256
+LANES = 128
+# How the tree is split into fusions is a measured XLA:CPU choice (2 cores, 4M elements, 3 fine-tunes):
+# the first _LEAF_LEVELS levels are computed straight from the inputs (4 leaves per output, each leaf
+# converting, subtracting and hashing its own slice), so one loop fusion reads the bf16 inputs once and
+# writes a quarter-size f32 array; an optimization barrier then keeps the rest of the tree in a separate
+# fusion over that array. Letting XLA fuse the whole tree, or a reduce, into the hashing code runs 3-10x
+# slower (the hash is not vectorised inside a reduction loop, and shared converts get materialised);
+# 8 leaves is again slower than 4. Result: 7.4 ms for both sums of 3 fine-tunes per 4M elements, out of
+# cache (separate single-output reductions, as before: ~22 ms).
+_LEAF_LEVELS = 2
 
 
-def shardable_rows(n: int, num_devices: int) -> bool:
-    """Whether a chunk of ``n`` elements can be split over ``num_devices`` without splitting a ROW."""
-    return n % ROW == 0 and (n // ROW) % num_devices == 0
+def layout(n: int) -> tuple[int, int]:
+    """(blocks, lanes) of a chunk of ``n`` elements (a power of two >= ROW): partials are [blocks, lanes]."""
+    lanes = min(LANES, n // ROW)
+    return n // (ROW * lanes), lanes
 
 
-def _row_sums(v):
-    """Per-ROW sums by a fixed pairwise tree of element-wise adds. XLA's own reduce picks its
-    association order from the local shape (measured: [16, 256] and [2, 256] rows sum differently), so it
-    would differ between meshes; element-wise adds are exact IEEE operations in a fixed order."""
-    v = v.reshape(-1, ROW)
-    while v.shape[1] > 1:
-        h = v.shape[1] // 2
-        v = v[:, :h] + v[:, h:]
-    return v[:, 0]
+def shardable(n: int, num_devices: int) -> bool:
+    """Whether a chunk of ``n`` elements splits over ``num_devices`` without splitting a block of partials."""
+    blocks, lanes = layout(n)
+    return n == blocks * ROW * lanes and blocks % num_devices == 0
+
+
+def _halve(parts: list):
+    """The halving tree over a list: (p0 + p[h]) ... pairs, as ``v[:h] + v[h:]`` on a stacked axis."""
+    while len(parts) > 1:
+        h = len(parts) // 2
+        parts = [parts[k] + parts[k + h] for k in range(h)]
+    return parts[0]
+
+
+def _tree_rows(v):
+    """Halving tree over axis -2 of [..., R, lanes] -> [..., lanes]."""
+    while v.shape[-2] > 1:
+        h = v.shape[-2] // 2
+        v = v[..., :h, :] + v[..., h:, :]
+    return v[..., 0, :]
 
 
 @functools.partial(jax.jit, static_argnames=("in_dtype",))
-def abs_delta_sum(base, x, in_dtype=None):
-    return _row_sums(jnp.abs(_f32(x, in_dtype) - _f32(base, in_dtype)))
+def l1_sums(base, xs, streams, thresholds, offset, in_dtype=None):
+    """mergekit's L1-rescale statistics of one chunk, for each fine-tune i in ``xs``:
+    partials of sum|x_i - base| and of sum over kept elements (``rng.bits(..) < thresholds[i]``).
 
-
-@functools.partial(jax.jit, static_argnames=("in_dtype",))
-def kept_abs_delta_sum(base, x, stream, thresh, offset, in_dtype=None):
-    keep = rng.bits(base.size, stream, offset) < thresh
-    return _row_sums(jnp.where(keep, jnp.abs(_f32(x, in_dtype) - _f32(base, in_dtype)), 0.0))
+    Returns float32 [len(xs), 2, blocks, lanes]; the totals are ``host_sum`` of each [i, j] slice.
+    """
+    n = base.size
+    blocks, lanes = layout(n)
+    leaves = 1 << _LEAF_LEVELS
+    rows = ROW // leaves
+    shape = (blocks, rows, lanes)
+    idx = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(ROW * lanes)
+           + jax.lax.broadcasted_iota(jnp.uint32, shape, 1) * jnp.uint32(lanes)
+           + jax.lax.broadcasted_iota(jnp.uint32, shape, 2) + jnp.asarray(offset, jnp.uint32))
+    b3 = base.reshape(blocks, ROW, lanes)
+    out = []
+    for i, x in enumerate(xs):
+        x3 = x.reshape(blocks, ROW, lanes)
+        absd, kept = [], []
+        for k in range(leaves):
+            sl = slice(k * rows, (k + 1) * rows)
+            d = jnp.abs(_f32(x3[:, sl], in_dtype) - _f32(b3[:, sl], in_dtype))
+            keep = rng.hash_index(idx + jnp.uint32(k * rows * lanes), streams[i]) < thresholds[i]
+            absd.append(d)
+            kept.append(jnp.where(keep, d, 0.0))
+        top = jax.lax.optimization_barrier(jnp.stack([_halve(absd), _halve(kept)]))
+        out.append(_tree_rows(top))
+    return jnp.stack(out)
 
 
 def host_sum(partials) -> float:
-    """Deterministic float64 total of the per-row partial sums."""
+    """Deterministic float64 total of partial sums (numpy's pairwise sum over a fixed layout)."""
     return float(np.asarray(partials, np.float64).sum())
 
 
@@ -108,15 +157,19 @@ def linear_chunk(xs, weights, *, normalize, in_dtype, out_dtype):
     return acc.astype(out_dtype)
 
 
-def chunk_size(n: int) -> int:
-    """Chunk length for a tensor of ``n`` elements: the next power of two (>= 4096), capped at CHUNK,
-    so small tensors are not padded to a full chunk and only a handful of shapes are ever compiled."""
-    return min(CHUNK, max(4096, 1 << max(0, (n - 1).bit_length())))
+def chunk_size(n: int, num_devices: int = 1) -> int:
+    """Chunk length for a tensor of ``n`` elements: the next power of two (>= 4096), capped at CHUNK
+    (CHUNK_MESH on several devices), so small tensors are not padded to a full chunk and only a handful
+    of shapes are ever compiled."""
+    cap = CHUNK if num_devices == 1 else CHUNK_MESH
+    return min(cap, max(4096, 1 << max(0, (n - 1).bit_length())))
 
 
-def pad_chunk(a: np.ndarray, size: int = CHUNK) -> np.ndarray:
+def pad_chunk(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` zero-padded to ``size`` elements (zeros add nothing to a sum or a merged delta)."""
     if a.size == size:
         return a
-    out = np.zeros(size, a.dtype)
+    out = aligned_empty((size,), a.dtype)
     out[:a.size] = a
+    out[a.size:] = 0
     return out

@@ -78,18 +78,25 @@ def keep_mask_np(shape, density: float, stream: int, offset: int = 0) -> np.ndar
 
 # -- JAX ------------------------------------------------------------------------------------------
 
-def bits(n: int, stream, offset=0):
-    """JAX version of :func:`bits_np` (``stream`` and ``offset`` may be traced uint32 scalars)."""
+def hash_index(index, stream):
+    """32 random bits for each uint32 flat element index of a tensor's stream (the JAX side of
+    :func:`bits_np`); ``stream`` may be a traced uint32 scalar."""
     import jax.numpy as jnp
 
-    x = jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(offset, jnp.uint32)
-    x = x * jnp.uint32(_GOLDEN) + jnp.asarray(stream, jnp.uint32)
+    x = index * jnp.uint32(_GOLDEN) + jnp.asarray(stream, jnp.uint32)
     x = x ^ (x >> 16)
     x = x * jnp.uint32(_M1)
     x = x ^ (x >> 15)
     x = x * jnp.uint32(_M2)
     x = x ^ (x >> 16)
     return x
+
+
+def bits(n: int, stream, offset=0):
+    """JAX version of :func:`bits_np` (``stream`` and ``offset`` may be traced uint32 scalars)."""
+    import jax.numpy as jnp
+
+    return hash_index(jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(offset, jnp.uint32), stream)
 
 
 def keep_mask(shape, thresh, stream, offset=0):
