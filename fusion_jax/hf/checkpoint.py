@@ -99,9 +99,6 @@ class _TorchBinReader:
     def get(self, name):
         return _torch_to_np(self._tensors[name])
 
-    def get_slice(self, name, index):
-        return _torch_to_np(self._tensors[name][tuple(index)])
-
     def read_rows(self, name, start, stop, out=None):
         t = _torch_to_np(self._tensors[name][start:stop])
         if out is None:

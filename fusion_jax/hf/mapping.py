@@ -221,16 +221,3 @@ def params_to_hf(params: Mapping, config: ModelConfig,
             t = to_hf_layout(row, a)
             yield row.hf_name(), (convert(t) if convert else t)
         del a
-
-
-def hf_to_params(tensors: Mapping[str, np.ndarray], config: ModelConfig) -> dict:
-    """Nested params dict (numpy) from an in-memory ``{hf_name: array}`` map (small models, tests)."""
-    out: dict = {}
-    for r in table(config):
-        if r.stacked:
-            a = np.stack([from_hf_layout(r, np.asarray(tensors[r.hf_name(i)]))
-                          for i in range(config.num_layers)])
-        else:
-            a = from_hf_layout(r, np.asarray(tensors[r.hf_name()]))
-        set_path(out, r.path, a)
-    return out

@@ -147,7 +147,7 @@ def _pread_into(fd: int, buf: memoryview, offset: int, where: str) -> None:
 class SafetensorsReader:
     """Lazy reader over a checkpoint directory (sharded with an index, or one file) or a single file.
 
-    Tensors are read on demand with ``get(name)`` or, for one device's share, ``get_slice(name, idx)``;
+    Tensors are read on demand with ``get(name)``, ``read_rows`` (one device's rows) or ``read_flat``;
     only the bytes needed are read. File descriptors are cached; use as a context manager or ``close()``.
     """
 
@@ -264,27 +264,6 @@ class SafetensorsReader:
             _pread_into(self._fd(info.file), memoryview(out.view(np.uint8)),
                         info.start + start * info.dtype.itemsize, f"{info.file}: tensor {name!r}")
         return out
-
-    def get_slice(self, name: str, index: Sequence[slice] | tuple) -> np.ndarray:
-        """Read ``tensor[index]`` reading only the rows (leading axis) it needs.
-
-        ``index`` is a tuple of slices as ``jax.sharding`` produces for one device's shard.
-        """
-        info = self.info(name)
-        index = tuple(index) + (slice(None),) * (len(info.shape) - len(index))
-        if not info.shape:
-            return self.get(name)
-        lead = index[0]
-        start, stop, step = lead.indices(info.shape[0])
-        if step != 1:
-            return self.get(name)[index]
-        row_bytes = info.nbytes // max(info.shape[0], 1)
-        rows = max(stop - start, 0)
-        out = np.empty((rows,) + info.shape[1:], info.dtype)
-        if out.nbytes:
-            _pread_into(self._fd(info.file), memoryview(out.reshape(-1).view(np.uint8)),
-                        info.start + start * row_bytes, f"{info.file}: tensor {name!r}")
-        return out[(slice(None),) + index[1:]]
 
     def close(self) -> None:
         for fd in self._fds.values():

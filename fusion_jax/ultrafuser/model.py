@@ -138,13 +138,6 @@ class FusedModel:
         g_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), self.gate)
         return p_sh, g_sh
 
-    def place(self, mesh: Mesh, rules=None) -> "FusedModel":
-        p_sh, g_sh = self.shardings(mesh, rules)
-        self.params = jax.device_put(self.params, p_sh)
-        self.gate = jax.device_put(self.gate, g_sh)
-        return self
-
-
 SPECIALISTS, GATE = "specialists", "gate"
 
 
@@ -178,17 +171,6 @@ def trainer_loss(hidden_fn, head_fn, names, chunk, params, batch, rng):
     for k, name in enumerate(names):
         out[f"gate_weight/{name}"] = aux["gate_weight_sum"][k] / n
     return loss, out
-
-
-def batch_shardings(batch: dict, mesh: Mesh, rules=None) -> dict:
-    """[K,B,S] arrays: (expert, batch); [B,S] arrays: (batch,)."""
-    from fusion_jax import sharding
-
-    def f(x):
-        names = ("expert", "batch", "seq") if x.ndim == 3 else ("batch", "seq")
-        return NamedSharding(mesh, sharding.logical_to_spec(names[: x.ndim], x.shape, mesh, rules))
-
-    return {k: f(np.asarray(v)) for k, v in batch.items()}
 
 
 @partial(jax.jit, static_argnums=(0, 5, 6, 7))
