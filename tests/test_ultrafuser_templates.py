@@ -45,3 +45,29 @@ def test_bos_can_be_left_out_for_tokenizers_without_one(tok):
     with_bos, without = (templates_from_config(["a"], {"a": "Q: {prompt}\nA: "}, bos=b)[0] for b in (True, False))
     a, b = encode_prompts(tok, with_bos, ["hi"])[0], encode_prompts(tok, without, ["hi"])[0]
     assert a[0] == tok.bos_token_id and a[1:] == b and tok.bos_token_id not in b
+
+
+def test_chat_templates_render_the_whole_conversation_before_the_response(tok, tmp_path):
+    """A multi-turn chat row: the chat template sees the system turn and every earlier turn; a
+    format-string template renders the last user turn; the response stays aligned in both rows."""
+    import json
+
+    from fusion_jax.data.loading import load_examples
+    turns = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2"},
+             {"role": "assistant", "content": "4"}, {"role": "user", "content": "add two numbers"},
+             {"role": "assistant", "content": "def add(a, b): return a + b"}]
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": turns}) + "\n")
+    ex = load_examples(f, domain="text", cache_dir=tmp_path / "cache")
+    ts = templates_from_config(["text", "chat"], {"text": "Q: {prompt}\nA: ", "chat": CHAT_TEMPLATE})
+    want = tok.apply_chat_template(turns[:4], tokenize=False, add_generation_prompt=True)
+    assert "be brief" in want and "2 + 2" in want
+    assert tok.decode(encode_prompts(tok, ts[1], [ex[0]["prompt"]], [ex[0]["messages"]])[0]) == want
+    assert tok.decode(encode_prompts(tok, ts[0], [ex[0]["prompt"]])[0][1:]) == "Q: add two numbers\nA: "
+    arr = render_sets(tok, {"text": ex}, ts, seq_len=128, max_prompt_len=100)["text"]
+    ids, mask = arr["input_ids"][0], arr["loss_mask"][0]
+    resp = np.flatnonzero(mask)
+    assert len(resp) and np.array_equal(ids[0, resp], ids[1, resp])
+    chat_prompt = encode_prompts(tok, ts[1], [ex[0]["prompt"]], [ex[0]["messages"]])[0]
+    row = ids[1][arr["attention_mask"][0, 1].astype(bool)]
+    assert list(row[:len(chat_prompt)]) == chat_prompt  # the chat row carries the earlier turns

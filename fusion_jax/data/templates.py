@@ -44,7 +44,10 @@ class PromptTemplate:
     ``prompt`` contains ``{prompt}`` (substituted by plain replacement, so other braces are literal);
     ``response`` contains ``{response}``. ``bos``/``eos``: prepend the tokenizer's bos to the prompt /
     append its eos to the response. ``chat=True`` ignores ``prompt`` and uses the tokenizer's
-    ``chat_template`` (a single user turn, ``add_generation_prompt=True``).
+    ``chat_template`` with ``add_generation_prompt=True``, over the example's whole conversation before
+    the response (its ``messages``: system and earlier turns, from a chat dataset row) or, for a plain
+    prompt/response row, one user turn. A format-string template renders only the last user turn (it
+    has no turn format to write the earlier ones in).
     """
 
     name: str
@@ -78,13 +81,19 @@ def _ids(x) -> list[int]:
     return list(x)
 
 
-def encode_prompts(tokenizer, template: PromptTemplate, prompts: Sequence[str]) -> list[list[int]]:
-    """Token ids of each prompt rendered in ``template`` (everything before the response)."""
+def encode_prompts(tokenizer, template: PromptTemplate, prompts: Sequence[str],
+                   contexts: Sequence[list | None] | None = None) -> list[list[int]]:
+    """Token ids of each prompt rendered in ``template`` (everything before the response).
+
+    ``contexts[j]``: example j's conversation before the response (``messages`` of a chat row), used by
+    chat templates instead of a single user turn of ``prompts[j]``; None for a plain row.
+    """
     if template.chat:
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"template {template.name!r} uses the chat template, but the tokenizer has none")
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        contexts = contexts or [None] * len(prompts)
+        texts = [tokenizer.apply_chat_template(c or [{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p, c in zip(prompts, contexts)]
         # the chat template writes bos itself (as text); encode without adding another
         return [_ids(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"]]
     texts = [template.prompt.replace("{prompt}", p) for p in prompts]
@@ -148,7 +157,8 @@ def render_multi(tokenizer, example: dict, templates: Sequence[PromptTemplate], 
     """One example under K templates; see :func:`layout_multi`. All templates must share the response
     format and eos flag (otherwise the response tokens could not be identical)."""
     _check_shared_response(templates)
-    prompts = [encode_prompts(tokenizer, t, [example["prompt"]])[0] for t in templates]
+    prompts = [encode_prompts(tokenizer, t, [example["prompt"]], [example.get("messages")])[0]
+               for t in templates]
     resp = encode_responses(tokenizer, templates[0], [example["response"]])[0]
     return layout_multi(prompts, resp, seq_len, _pad_id(tokenizer), truncation, max_prompt_len)
 
@@ -213,7 +223,8 @@ def render_dataset(tokenizer, examples: Sequence[dict], templates: PromptTemplat
             if not isinstance(e.get(col), str):
                 raise DataError(f"example {j}: column {col!r} is missing or not a string")
     dom = domain_ids(examples, domains)
-    prompts = [encode_prompts(tokenizer, t, [e["prompt"] for e in examples]) for t in tmpls]
+    prompts = [encode_prompts(tokenizer, t, [e["prompt"] for e in examples], [e.get("messages") for e in examples])
+               for t in tmpls]
     resps = encode_responses(tokenizer, tmpls[0], [e["response"] for e in examples])
     pad = _pad_id(tokenizer)
     rows, keep = [], []
