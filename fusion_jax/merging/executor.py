@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -330,8 +331,10 @@ def _vocab_setup(cfg: MergeConfig, models, idx, donor) -> dict:
                     continue
                 seen.add(t)
                 extra.append((t, t in added))
-        for t, special in extra:
-            out_tok.add_tokens([t], special_tokens=special)
+        # one add_tokens call per run of equally special tokens: ids are given in list order, and each
+        # call rebuilds the tokenizer's added-token matcher (one call per token is quadratic)
+        for special, run in itertools.groupby(extra, key=lambda e: e[1]):
+            out_tok.add_tokens([t for t, _ in run], special_tokens=special)
         vocab = out_tok.get_vocab()
     else:
         if ts not in idx:
