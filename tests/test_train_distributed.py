@@ -184,3 +184,37 @@ def test_eight_devices_and_restore_into_other_sharding(tmp_path):
     assert r["meta_trainable"][0].startswith("layers/")
     np.testing.assert_allclose(r["continued"], r["single"][2:], rtol=1e-5)
     assert r["continued_err"] < 1e-5
+
+
+def test_initialize_reads_config_then_environment_and_auto_defers_to_jax(monkeypatch):
+    """What ``distributed.initialize`` hands to ``jax.distributed.initialize`` (recorded, not run)."""
+    import jax
+    import pytest
+
+    from fusion_jax.errors import ConfigError
+    from fusion_jax.train import distributed
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    for k in ("FUSION_COORDINATOR_ADDRESS", "FUSION_NUM_PROCESSES", "FUSION_PROCESS_ID"):
+        monkeypatch.delenv(k, raising=False)
+
+    def run(cfg, **kw):
+        monkeypatch.setattr(distributed, "_initialized", False)
+        calls.clear()
+        distributed.initialize(cfg, **kw)
+        return calls[0] if calls else None
+
+    assert run(None) is None and run({"coordinator_address": ""}) is None  # single process
+    assert run({"coordinator_address": "auto"}) == {}                      # JAX's cluster detection
+    assert run(None, auto=True) == {}
+    assert run({"coordinator_address": "h:1", "num_processes": 4, "process_id": 3}) == {
+        "coordinator_address": "h:1", "num_processes": 4, "process_id": 3}
+    monkeypatch.setenv("FUSION_NUM_PROCESSES", "2")
+    monkeypatch.setenv("FUSION_PROCESS_ID", "1")
+    assert run({"coordinator_address": "h:1"}) == {"coordinator_address": "h:1", "num_processes": 2,
+                                                   "process_id": 1}
+    monkeypatch.delenv("FUSION_PROCESS_ID")
+    with pytest.raises(ConfigError, match="process_id"):
+        run({"coordinator_address": "h:1"})
+    with pytest.raises(ConfigError, match=r"process_id: 5 is not in \[0, 2\)"):
+        run({"coordinator_address": "h:1", "process_id": 5})

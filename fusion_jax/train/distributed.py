@@ -3,7 +3,8 @@
 Configuration (first found wins): explicit arguments / a config with ``coordinator_address``,
 ``num_processes``, ``process_id`` (``local_device_ids`` optional); else the environment variables
 ``FUSION_COORDINATOR_ADDRESS``, ``FUSION_NUM_PROCESSES``, ``FUSION_PROCESS_ID``; else nothing (single
-process, or JAX's own cluster auto-detection when ``auto=True``).
+process). ``coordinator_address="auto"`` (or ``auto=True``) leaves everything to JAX's own cluster
+detection (``jax.distributed.initialize()`` with no arguments: Cloud TPU pods, SLURM, Open MPI, ...).
 
 Data: each process loads only its share. Process ``p`` of ``n`` yields a local batch of ``B / n`` rows;
 :func:`global_batch` assembles the global ``[B, ...]`` array with
@@ -46,6 +47,8 @@ def initialize(config: Any = None, *, auto: bool = False) -> bool:
     if pid is None:
         pid = os.environ.get("FUSION_PROCESS_ID")
     local_ids = _get(config, "local_device_ids")
+    if str(addr or "").strip().lower() == "auto":
+        addr, auto = None, True
     if not addr and not auto:
         return False
     if addr:

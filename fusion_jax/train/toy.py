@@ -126,7 +126,7 @@ def get_config(preset: str | None = None):
                                 "grad_accum_steps": 1, "async_checkpointing": True, "progress": True,
                                 "tensorboard": True})
     c.mesh = mlc.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
-    # multi-process: set all three (or the FUSION_* environment variables)
+    # multi-process: set all three (or the FUSION_* environment variables), or coordinator_address="auto"
     c.distributed = mlc.ConfigDict({"coordinator_address": "", "num_processes": 1, "process_id": 0})
     return c
 

@@ -102,7 +102,8 @@ def base_config() -> mlc.ConfigDict:
     c.trainer = mlc.ConfigDict({"save_every": 50, "keep_checkpoints": 2, "log_every": 10,
                                 "progress": True, "async_checkpointing": True})
     c.mesh = mlc.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
-    # multi-process: coordinator_address / num_processes / process_id (or FUSION_* environment variables)
+    # multi-process: coordinator_address / num_processes / process_id (or FUSION_* environment variables);
+    # coordinator_address="auto": JAX's own cluster detection (TPU pods, SLURM, Open MPI)
     c.distributed = mlc.ConfigDict({"coordinator_address": "", "num_processes": 0, "process_id": -1})
     c.eval = mlc.ConfigDict({"batch_size": 50, "generate_examples": 1, "max_new_tokens": 40})
     return c
