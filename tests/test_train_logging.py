@@ -29,11 +29,11 @@ def _arrays():
     return {d: toy_batches(1, n, 12, seed=s)[0] for d, n, s in (("even", 5, 1), ("odd", 7, 2))}
 
 
-def _trainer(workdir, callbacks=()):
+def _trainer(workdir, callbacks=(), total_steps=6):
     m = ToyLM(vocab=32, dim=8, hidden=12, layers=1, rngs=nnx.Rngs(0))
     g, p = nnx.split(m, nnx.Param)
     return Trainer(nnx_causal_lm_loss(g), nnx.to_pure_dict(p), OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
-                   TrainerConfig(total_steps=6, workdir=str(workdir), save_every=2, keep_checkpoints=2,
+                   TrainerConfig(total_steps=total_steps, workdir=str(workdir), save_every=2, keep_checkpoints=2,
                                  async_checkpointing=True, log_every=2, progress=True),
                    param_logical_axes=shd.state_logical_axes(p), callbacks=callbacks)
 
@@ -92,3 +92,45 @@ def test_a_resumed_run_in_the_same_second_keeps_the_earlier_events(tmp_path):
     b.log(4, {"loss": 2.0})
     b.close()
     assert sorted(read_tensorboard_scalars(tmp_path)["loss"]) == [(2, 1.0), (4, 2.0)]
+
+
+class _PerProcessIterator:
+    """A stateful iterator that does not declare its state global (as grain's per-process positions)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.inner)
+
+    def get_state(self):
+        return self.inner.get_state()
+
+    def set_state(self, s):
+        self.inner.set_state(s)
+
+
+def test_resume_on_another_process_count_takes_only_a_global_data_position(tmp_path):
+    from fusion_jax.errors import CheckpointError
+    sampler = lambda: DomainBalancedSampler(_arrays(), 2, seed=0, process_index=0, process_count=1)  # noqa: E731
+    a = _trainer(tmp_path, total_steps=4)
+    a.run(sampler())
+    a.close()
+    # make step 4's data state look written by 2 processes (both at global step 4, as the sampler saves)
+    data = tmp_path / "checkpoints" / "4" / "data"
+    text = (data / "process_0-of-1.json").read_text()
+    (data / "process_0-of-1.json").unlink()
+    for i in range(2):
+        (data / f"process_{i}-of-2.json").write_text(text)
+    c = _trainer(tmp_path)
+    with pytest.raises(CheckpointError, match="per process; resume with the same number"):
+        c.run(_PerProcessIterator(sampler()))
+    c.close()
+    b = _trainer(tmp_path)
+    s = sampler()
+    r = b.run(s)
+    b.close()
+    assert r.resumed_from == 4 and r.step == 6 and s.get_state() == {"step": 6}

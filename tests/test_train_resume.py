@@ -67,3 +67,42 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     # the metrics file has each step once
     rows = [json.loads(l) for l in open(work / "logs" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == list(range(1, 13))
+
+
+def test_data_state_resumes_on_another_process_count_only_when_it_is_global(tmp_path, monkeypatch):
+    """A data state written by 2 processes: restored by 1 (or 4) processes only for an iterator whose
+    state is global (``global_state``, and every process saved the same one); otherwise a clear error."""
+    import jax
+    import pytest
+    from etils import epath
+
+    from fusion_jax.data.sampler import DomainBalancedSampler
+    from fusion_jax.errors import CheckpointError
+    from fusion_jax.train.checkpointing import DataStateHandler, DataStateRestore, DataStateSave
+
+    assert DomainBalancedSampler.state_is_global
+
+    def as_process(i, n):
+        monkeypatch.setattr(jax, "process_index", lambda: i)
+        monkeypatch.setattr(jax, "process_count", lambda: n)
+
+    h, glob, local = DataStateHandler(), DataStateRestore(global_state=True), DataStateRestore()
+    shared, split = epath.Path(tmp_path / "shared"), epath.Path(tmp_path / "split")
+    for d in (shared, split):
+        d.mkdir()
+    for i in range(2):
+        as_process(i, 2)
+        h.save(shared, DataStateSave({"step": 7}))
+        h.save(split, DataStateSave({"step": 7, "shard": i}))
+    as_process(1, 2)
+    assert h.restore(split, local) == {"step": 7, "shard": 1}  # same process count: its own file
+    for i, n in ((0, 1), (3, 4)):
+        as_process(i, n)
+        assert h.restore(shared, glob) == {"step": 7}
+        with pytest.raises(CheckpointError, match="position is per process; resume with the same number"):
+            h.restore(shared, local)  # e.g. grain: equal-looking per-process positions are not global
+        with pytest.raises(CheckpointError, match="saved different data-iterator states"):
+            h.restore(split, glob)
+    (shared / "process_1-of-2.json").unlink()                  # incomplete: no full set to take it from
+    with pytest.raises(CheckpointError, match="no complete set of data-iterator states"):
+        h.restore(shared, glob)

@@ -167,6 +167,10 @@ class DomainBalancedSampler:
         self._step += 1
         return b
 
+    # ``{"step": t}`` is the global batch index, the same on every process (each turns it into its own
+    # rows), so a checkpoint can be resumed on any number of processes (see ``train.loop``)
+    state_is_global = True
+
     def get_state(self) -> dict[str, Any]:
         """``{"step": t}``: the next batch to be returned is batch ``t``."""
         return {"step": self._step}

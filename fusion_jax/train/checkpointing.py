@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import jax
@@ -46,12 +47,38 @@ class DataStateHandler(ocp.CheckpointHandler):
     def restore(self, directory: epath.Path, args: "DataStateRestore" = None):
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
         f = epath.Path(directory) / name
-        if not f.exists():
+        if f.exists():
+            text = f.read_text()
+        elif args is not None and args.global_state:
+            text = self._global_state(epath.Path(directory), f)
+        else:
             found = sorted(p.name for p in epath.Path(directory).iterdir())
-            raise CheckpointError(f"{f}: no data-iterator state for this process (found {found}); "
-                                  "was the checkpoint written with a different number of processes?")
-        payload = json.loads(f.read_text())
+            raise CheckpointError(f"{f}: no data-iterator state for this process (found {found}): the "
+                                  "checkpoint was written by another number of processes, and this data "
+                                  "iterator's position is per process; resume with the same number")
+        payload = json.loads(text)
         return payload["state"].encode() if payload["kind"] == "bytes" else payload["state"]
+
+    @staticmethod
+    def _global_state(directory: epath.Path, wanted: epath.Path) -> str:
+        """The state of a checkpoint written by another number of processes, for an iterator whose state is
+        a global position (the same on every process, each turning it into its own share): every process
+        of one complete set must have saved the same state."""
+        found = sorted(p.name for p in directory.iterdir())
+        saved: dict[int, dict[int, str]] = {}
+        for name in found:
+            m = re.fullmatch(r"process_(\d+)-of-(\d+)\.json", name)
+            if m:
+                saved.setdefault(int(m.group(2)), {})[int(m.group(1))] = name
+        complete = [n for n, files in saved.items() if sorted(files) == list(range(n))]
+        if len(complete) != 1:
+            raise CheckpointError(f"{wanted}: no complete set of data-iterator states to resume from "
+                                  f"(found {found})")
+        texts = {(directory / name).read_text() for name in saved[complete[0]].values()}
+        if len(texts) != 1:
+            raise CheckpointError(f"{wanted}: the {complete[0]} processes that wrote the checkpoint saved "
+                                  "different data-iterator states, so they are not one global position")
+        return texts.pop()
 
     def metadata(self, directory):
         return None
@@ -72,7 +99,9 @@ class DataStateSave(ocp.args.CheckpointArgs):
 @ocp.args.register_with_handler(DataStateHandler, for_restore=True)
 @dataclasses.dataclass
 class DataStateRestore(ocp.args.CheckpointArgs):
-    pass
+    # the iterator's state is a global position (``state_is_global``), so a checkpoint written by another
+    # number of processes can be resumed from
+    global_state: bool = False
 
 
 # ------------------------------------------------------------------------------------ manager ----
@@ -119,11 +148,13 @@ class Checkpointer:
             items["data"] = DataStateSave(data_state)
         self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
 
-    def restore(self, step: int, target_state: Any, target_shardings: Any = None) -> tuple[Any, Any, dict]:
+    def restore(self, step: int, target_state: Any, target_shardings: Any = None, *,
+                global_data_state: bool = False) -> tuple[Any, Any, dict]:
         """Restore ``step`` into the structure/shardings of ``target_state`` (a TrainState).
 
         Returns ``(state, data_state or None, meta)``. Frozen params come from the checkpoint when it has
-        them, else from ``target_state`` unchanged.
+        them, else from ``target_state`` unchanged. ``global_data_state``: the data iterator's state is the
+        same on every process, so it may come from a checkpoint written by another number of processes.
         """
         sh = target_shardings
         abstract = {
@@ -139,7 +170,7 @@ class Checkpointer:
             items["frozen"] = ocp.args.StandardRestore(
                 abstract_like(target_state.frozen, None if sh is None else sh.frozen))
         if "data" in present:
-            items["data"] = DataStateRestore()
+            items["data"] = DataStateRestore(global_state=global_data_state)
         try:
             r = self.manager.restore(int(step), args=ocp.args.Composite(**items))
         except (ValueError, KeyError, TypeError) as e:

@@ -23,7 +23,10 @@ Data protocol (what ``run(data)`` accepts)
     ``fusion_jax.data.sampler.DomainBalancedSampler`` (state ``{"step": t}``). Without them the trainer
     records how many batches were consumed and on resume skips that many from a fresh iterator (correct
     for any deterministic iterable, at the cost of re-reading). One batch is consumed per optimizer step
-    (gradient accumulation splits it into ``grad_accum_steps`` microbatches).
+    (gradient accumulation splits it into ``grad_accum_steps`` microbatches). Resuming on a different
+    number of processes restores the data position only from an iterator with ``state_is_global = True``
+    (its state is the same on every process, e.g. ``DomainBalancedSampler``'s step) or a plain one;
+    grain's per-process positions refuse with a clear error.
 
 Checkpoints: see ``checkpointing.py`` for the layout. Metrics: ``<workdir>/logs/metrics.jsonl`` and
 TensorBoard events there. A non-finite loss or gradient norm raises :class:`TrainingError` naming the
@@ -233,23 +236,28 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------------
-    def restore_latest(self) -> tuple[int | None, Any]:
-        """Restore the latest checkpoint into the current shardings; returns (step, data_state)."""
+    def restore_latest(self, global_data_state: bool = False) -> tuple[int | None, Any]:
+        """Restore the latest checkpoint into the current shardings; returns (step, data_state).
+        ``global_data_state``: see :meth:`Checkpointer.restore`."""
         if self.checkpointer is None:
             return None, None
         latest = self.checkpointer.latest_step()
         if latest is None:
             return None, None
-        self.state, data_state, _ = self.checkpointer.restore(latest, self.state, self.state_shardings)
+        self.state, data_state, _ = self.checkpointer.restore(latest, self.state, self.state_shardings,
+                                                              global_data_state=global_data_state)
         return latest, data_state
 
     def run(self, data: Iterable[Any]) -> TrainResult:
         cfg = self.config
         total = cfg.total_steps
-        resumed_from, data_state = (self.restore_latest() if cfg.resume else (None, None))
-        start = self.step
         it = iter(data)
         stateful = hasattr(it, "get_state") and hasattr(it, "set_state")
+        # A plain iterator is resumed by skipping the steps done (a global count); a stateful one only
+        # when it says its state is one global position (``state_is_global``), not a per-process one.
+        global_state = not stateful or bool(getattr(it, "state_is_global", False))
+        resumed_from, data_state = (self.restore_latest(global_state) if cfg.resume else (None, None))
+        start = self.step
         if resumed_from is not None and data_state is not None:
             if stateful and not (isinstance(data_state, dict) and "_skip_batches" in data_state):
                 it.set_state(data_state)
