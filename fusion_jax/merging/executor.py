@@ -502,27 +502,31 @@ class _Runner:
             parts = [a[lo:hi] for a in arrays] if arrays is not None else self.read(job, lo, hi)
             return [self.put(kernels.pad_chunk(p, C)) for p in parts], lo, hi
 
-        if arrays is not None:  # in memory: place every chunk once (no copy on the CPU) for both passes
-            placed = [load(i) for i in range(nchunks)]
-            chunks = placed.__iter__
-        else:  # over the memory budget: read chunk by chunk, once per pass
-            chunks = lambda: map(load, range(nchunks))  # noqa: E731
+        # in memory: every chunk placed once (no copy on the CPU) for both passes; over the memory
+        # budget: read chunk by chunk, once per pass
+        placed = [load(i) for i in range(nchunks)] if arrays is not None else None
+
+        def chunks():
+            return iter(placed) if placed is not None else map(load, range(nchunks))
 
         out = np.empty(n, job.out_dtype)
         if spec.family == "linear":
             w = jnp.asarray([p["weight"] for p in job.per_input], jnp.float32)
-            kernel = lambda xs, lo: kernels.linear_chunk(  # noqa: E731
-                tuple(xs), w, normalize=bool(job.shared["normalize"]), in_dtype=in_dtype,
-                out_dtype=jnp.dtype(job.out_dtype))
+
+            def kernel(xs, lo):
+                return kernels.linear_chunk(tuple(xs), w, normalize=bool(job.shared["normalize"]),
+                                            in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
         else:
             bp = job.base_pos
             nb = [i for i in range(len(job.inputs)) if i != bp]
             scales, streams, thr, full, weights = self._task_vector_scales(job, nb, chunks, in_dtype)
-            kernel = lambda xs, lo: kernels.task_vector_chunk(  # noqa: E731
-                xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, weights,
-                np.float32(job.shared["lambda"]), np.uint32(lo), random=spec.sparsify == "random",
-                full=full, consensus=spec.consensus, normalize=bool(job.shared["normalize"]),
-                in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+
+            def kernel(xs, lo):
+                return kernels.task_vector_chunk(
+                    xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, weights,
+                    np.float32(job.shared["lambda"]), np.uint32(lo), random=spec.sparsify == "random",
+                    full=full, consensus=spec.consensus, normalize=bool(job.shared["normalize"]),
+                    in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
         pending = None  # copy chunk i out while chunk i+1 computes
         for xs, lo, hi in chunks():
             r = kernel(xs, lo)
