@@ -240,3 +240,12 @@ def test_frankenmerge_rebuilds_per_layer_config_lists(tmp_path):
     out = json.loads((tmp_path / "o" / "config.json").read_text())
     assert out["num_hidden_layers"] == 4
     assert out["layer_types"] == ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]
+
+
+def test_chunk_offsets_wrap_like_the_numpy_hash():
+    """A chunk starting at or past 2**32 elements gets its index mod 2**32 (as ``rng.bits_np``), not an
+    OverflowError."""
+    from fusion_jax.merging import rng
+    from fusion_jax.merging.executor import _index32
+    assert _index32(5) == 5 and _index32((1 << 32) + 5) == 5 and _index32(1 << 32) == 0
+    np.testing.assert_array_equal(rng.bits_np(4, 9, (1 << 32) + 5), rng.bits_np(4, 9, 5))

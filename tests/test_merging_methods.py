@@ -208,6 +208,7 @@ def test_l1_sums_are_the_fixed_halving_tree(n, offset):
     got = np.asarray(kernels.l1_sums(base, tuple(xs), streams, thr, np.uint32(offset)))
     blocks, lanes = kernels.layout(n)
     assert got.shape == (2, 2, blocks, lanes)
+    totals = kernels.l1_totals([got], n)
     for i, x in enumerate(xs):
         d = np.abs(x.astype(np.float32) - base.astype(np.float32))
         kept = np.where(rng.bits_np(n, int(streams[i]), offset) < thr[i], d, np.float32(0))
@@ -217,5 +218,31 @@ def test_l1_sums_are_the_fixed_halving_tree(n, offset):
                 h = t.shape[1] // 2
                 t = t[:, :h] + t[:, h:]
             np.testing.assert_array_equal(got[i, j], t[:, 0])
-            np.testing.assert_allclose(kernels.host_sum(got[i, j]), v.astype(np.float64).sum(), rtol=1e-6)
-    assert 0.2 < kernels.host_sum(got[0, 1]) / kernels.host_sum(got[0, 0]) < 0.4
+            np.testing.assert_allclose(totals[i, j], v.astype(np.float64).sum(), rtol=1e-6)
+    assert 0.2 < totals[0, 1] / totals[0, 0] < 0.4
+
+
+def test_l1_totals_do_not_depend_on_the_chunk_size():
+    """One device chunks a tensor by 512K, a mesh by 4M: the totals must be the same float64 bits."""
+    import ml_dtypes
+
+    from fusion_jax.merging import kernels
+    n = (1 << 19) + 3000  # just over one 512K chunk: padded differently by the two chunkings
+    r = np.random.default_rng(2)
+    base = (r.standard_normal(n) * 0.02).astype(ml_dtypes.bfloat16)
+    x = (base.astype(np.float32) + r.standard_normal(n) * 1e-3).astype(ml_dtypes.bfloat16)
+    s, t = np.array([5], np.uint32), np.array([rng.threshold(0.4)], np.uint32)
+
+    def parts(size):
+        out = []
+        for lo in range(0, n, size):
+            b, xx = (kernels.pad_chunk(a[lo:lo + size], size) for a in (base, x))
+            out.append(kernels.l1_sums(b, (xx,), s, t, np.uint32(lo)))
+        return out
+
+    assert kernels.chunk_size(n, 1) == 1 << 19 and kernels.chunk_size(n, 8) == 1 << 20
+    small, big = parts(1 << 19), parts(1 << 20)
+    a, b = kernels.real_partials(small, n), kernels.real_partials(big, n)
+    assert a.shape == (1, 2, -(-n // (kernels.ROW * kernels.LANES)) * kernels.LANES) and np.array_equal(a, b)
+    ta, tb = kernels.l1_totals(small, n), kernels.l1_totals(big, n)
+    assert ta.dtype == np.float64 and np.array_equal(ta, tb)

@@ -17,6 +17,7 @@ import math
 import os
 import re
 import struct
+import threading
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -154,6 +155,7 @@ class SafetensorsReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._fds: dict[Path, int] = {}
+        self._fd_lock = threading.Lock()
         self.metadata: dict[str, str] = {}
         self.tensors: dict[str, TensorInfo] = {}
         if self.path.is_file():
@@ -223,7 +225,10 @@ class SafetensorsReader:
     def _fd(self, file: Path) -> int:
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+            with self._fd_lock:  # worker threads share a reader: open each file once
+                fd = self._fds.get(file)
+                if fd is None:
+                    fd = self._fds[file] = os.open(file, os.O_RDONLY)
         return fd
 
     def get(self, name: str) -> np.ndarray:
@@ -258,7 +263,8 @@ class SafetensorsReader:
         info = self.info(name)
         numel = math.prod(info.shape)
         if not 0 <= start <= stop <= numel:
-            raise ValueError(f"read_flat({name!r}): [{start}, {stop}) is outside its {numel} elements")
+            raise ValueError(f"{info.file}: read_flat({name!r}): [{start}, {stop}) is outside its {numel} "
+                             "elements")
         out = aligned_empty((stop - start,), info.dtype)
         if out.nbytes:
             _pread_into(self._fd(info.file), memoryview(out.view(np.uint8)),

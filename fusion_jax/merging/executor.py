@@ -25,7 +25,8 @@ import numpy as np
 from fusion_jax.errors import (CheckpointError, ConfigError, FusionError, MissingTensorError,
                                ShapeMismatchError)
 from fusion_jax.hf.files import TOKENIZER_FILES
-from fusion_jax.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorSpec, parse_size
+from fusion_jax.hf.safetensors_io import (SafetensorsReader, ShardedWriter, TensorSpec, aligned_empty,
+                                          parse_size)
 from fusion_jax.merging import kernels, rng
 from fusion_jax.merging.config import MergeConfig, Source, load_config, resolve_parameter
 from fusion_jax.merging.methods import merge_group, rescale_mode
@@ -383,8 +384,9 @@ def permute_vocab(job: Job, arrays: list[np.ndarray], perms: dict, base_pos: int
                 fill[tok] = np.mean([rows[h][tok] for h in have], axis=0)
     out = []
     for i in range(len(arrays)):
-        r = np.where(present[i][:, None], rows[i], fill)
-        out.append(r.astype(arrays[i].dtype))
+        r = aligned_empty(rows[i].shape, arrays[i].dtype)  # aligned: XLA:CPU adopts it without a copy
+        r[...] = np.where(present[i][:, None], rows[i], fill)
+        out.append(r)
     return out
 
 
@@ -428,6 +430,12 @@ def _device_setup(device: str):
     if device == "auto":
         return jax.devices()
     raise ConfigError(f"--device must be 'cpu' or 'auto', not {device!r}")
+
+
+def _index32(i: int) -> np.uint32:
+    """A chunk's first flat element index for the 32-bit counter hash (wraps mod 2**32, as ``rng.bits_np``;
+    power-of-two chunks never straddle a wrap)."""
+    return np.uint32(i & rng.MASK32)
 
 
 class _Runner:
@@ -502,9 +510,11 @@ class _Runner:
             parts = [a[lo:hi] for a in arrays] if arrays is not None else self.read(job, lo, hi)
             return [self.put(kernels.pad_chunk(p, C)) for p in parts], lo, hi
 
-        # in memory: every chunk placed once (no copy on the CPU) for both passes; over the memory
-        # budget: read chunk by chunk, once per pass
-        placed = [load(i) for i in range(nchunks)] if arrays is not None else None
+        # In memory and within the budget: every chunk placed once for both passes (no copy on the CPU;
+        # on an accelerator the group's device copy). Otherwise chunk by chunk, once per pass: read from
+        # disk when over the budget, sliced from memory for a vocabulary job (which must hold its inputs).
+        in_bytes = sum(a.nbytes for a in arrays) if arrays is not None else None
+        placed = [load(i) for i in range(nchunks)] if in_bytes is not None and in_bytes <= self.budget else None
 
         def chunks():
             return iter(placed) if placed is not None else map(load, range(nchunks))
@@ -524,7 +534,7 @@ class _Runner:
             def kernel(xs, lo):
                 return kernels.task_vector_chunk(
                     xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, weights,
-                    np.float32(job.shared["lambda"]), np.uint32(lo), random=spec.sparsify == "random",
+                    np.float32(job.shared["lambda"]), _index32(lo), random=spec.sparsify == "random",
                     full=full, consensus=spec.consensus, normalize=bool(job.shared["normalize"]),
                     in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
         pending = None  # copy chunk i out while chunk i+1 computes
@@ -554,10 +564,10 @@ class _Runner:
             sel = [k for k in range(len(nb)) if not full[k]]
             bp = job.base_pos
             parts = [kernels.l1_sums(xs[bp], tuple(xs[nb[k]] for k in sel), streams[sel], thr[sel],
-                                     np.uint32(lo), in_dtype=in_dtype) for xs, lo, _ in chunks()]
-            parts = np.stack([np.asarray(p) for p in parts], axis=2)  # [inputs, 2, chunks, blocks, lanes]
+                                     _index32(lo), in_dtype=in_dtype) for xs, lo, _ in chunks()]
+            totals = kernels.l1_totals(parts, job.numel)
             for j, k in enumerate(sel):
-                before, after = kernels.host_sum(parts[j, 0]), kernels.host_sum(parts[j, 1])
+                before, after = totals[j]
                 if before >= 1e-7 and after >= 1e-7:
                     scales[k] = before / after
         return scales, streams, thr, full, weights
@@ -566,7 +576,12 @@ class _Runner:
 def execute(plan: Plan, out_dir: str | os.PathLike, *, device: str = "cpu", out_shard_size="5GB",
             workers: int | None = None, memory_budget: int | str = "256MB", overwrite: bool = False,
             quiet: bool = False) -> dict:
-    """Run a plan, writing a Hugging Face model directory atomically. Returns timing stats."""
+    """Run a plan, writing a Hugging Face model directory atomically. Returns timing stats.
+
+    On the CPU this raises glibc's malloc thresholds for the rest of the process
+    (:func:`fusion_jax.utils.malloc.retain_freed_memory`: up to 1 GB of freed heap stays mapped for reuse);
+    set ``FUSION_JAX_MALLOC_TUNING=0`` to keep the defaults.
+    """
     runner = _Runner(plan, device, parse_size(memory_budget))
     workers = workers or 2  # measured on 2 cores: 2 overlaps I/O with math; 3 makes XLA threads contend
     t0 = time.perf_counter()
@@ -613,7 +628,10 @@ def _write_metadata(plan: Plan, out: Path) -> None:
 def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size="5GB",
           overwrite: bool = False, quiet: bool = False, workers: int | None = None,
           memory_budget="256MB") -> dict:
-    """Python API: merge per a mergekit YAML path (or dict or MergeConfig) into ``out_dir``."""
+    """Python API: merge per a mergekit YAML path (or dict or MergeConfig) into ``out_dir``.
+
+    On the CPU it tunes glibc's malloc for the rest of the process (see :func:`execute`).
+    """
     for opt, size in (("--out-shard-size", out_shard_size), ("memory_budget", memory_budget)):
         try:
             parse_size(size)

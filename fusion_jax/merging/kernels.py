@@ -82,7 +82,7 @@ def l1_sums(base, xs, streams, thresholds, offset, in_dtype=None):
     """mergekit's L1-rescale statistics of one chunk, for each fine-tune i in ``xs``:
     partials of sum|x_i - base| and of sum over kept elements (``rng.bits(..) < thresholds[i]``).
 
-    Returns float32 [len(xs), 2, blocks, lanes]; the totals are ``host_sum`` of each [i, j] slice.
+    Returns float32 [len(xs), 2, blocks, lanes]; :func:`l1_totals` adds up a tensor's chunks.
     """
     n = base.size
     blocks, lanes = layout(n)
@@ -108,9 +108,19 @@ def l1_sums(base, xs, streams, thresholds, offset, in_dtype=None):
     return jnp.stack(out)
 
 
-def host_sum(partials) -> float:
-    """Deterministic float64 total of partial sums (numpy's pairwise sum over a fixed layout)."""
-    return float(np.asarray(partials, np.float64).sum())
+def real_partials(parts, n: int) -> np.ndarray:
+    """The ``l1_sums`` partials of an ``n``-element tensor's chunks as [inputs, 2, partials], in flat
+    order, without the last chunk's padding blocks: the same array whatever the chunk size (one device
+    and a mesh chunk a tensor differently, see ``chunk_size``)."""
+    p = np.stack([np.asarray(c) for c in parts], axis=2)  # [inputs, 2, chunks, blocks, lanes]
+    lanes = p.shape[-1]
+    return p.reshape(p.shape[0], 2, -1)[:, :, : -(-n // (ROW * lanes)) * lanes]
+
+
+def l1_totals(parts, n: int) -> np.ndarray:
+    """float64 totals [inputs, 2] of :func:`real_partials` (numpy's pairwise sum: its split points depend
+    on the length, which is why the padding must go first)."""
+    return real_partials(parts, n).astype(np.float64).sum(-1)
 
 
 @functools.partial(jax.jit, static_argnames=("random", "full", "consensus", "normalize", "in_dtype",
