@@ -537,13 +537,16 @@ class _Runner:
                     np.float32(job.shared["lambda"]), _index32(lo), random=spec.sparsify == "random",
                     full=full, consensus=spec.consensus, normalize=bool(job.shared["normalize"]),
                     in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+        def copy_out(r, lo, hi):
+            out[lo:hi] = np.asarray(r)[: hi - lo]
+
         pending = None  # copy chunk i out while chunk i+1 computes
         for xs, lo, hi in chunks():
             r = kernel(xs, lo)
             if pending is not None:
-                out[pending[1]:pending[2]] = np.asarray(pending[0])[: pending[2] - pending[1]]
+                copy_out(*pending)
             pending = (r, lo, hi)
-        out[pending[1]:pending[2]] = np.asarray(pending[0])[: pending[2] - pending[1]]
+        copy_out(*pending)
         writer.write(job.name, out.reshape(job.shape))
 
     def _task_vector_scales(self, job: Job, nb: list[int], chunks, in_dtype):

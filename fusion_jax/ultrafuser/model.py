@@ -138,6 +138,7 @@ class FusedModel:
         g_sh = jax.tree.map(lambda _: NamedSharding(mesh, P()), self.gate)
         return p_sh, g_sh
 
+
 SPECIALISTS, GATE = "specialists", "gate"
 
 

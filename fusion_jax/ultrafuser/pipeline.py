@@ -290,8 +290,8 @@ def _samples(fm, tok, eval_ex, domains, templates, c) -> list[dict]:
     rows, metas = [], []
     for d in domains:
         for e in eval_ex[d][: int(c.eval.generate_examples)]:
-            r = render_multi(tok, {"prompt": e["prompt"], "response": "", "messages": e.get("messages")},
-                             templates, int(c.data.seq_len), max_prompt_len=int(c.data.max_prompt_len))
+            r = render_multi(tok, dict(e, response=""), templates, int(c.data.seq_len),
+                             max_prompt_len=int(c.data.max_prompt_len))
             r0 = int(r["response_start"])
             rows.append((r["input_ids"][:, :r0], r["attention_mask"][:, :r0]))
             metas.append((d, e["prompt"]))
