@@ -65,6 +65,15 @@ class PromptTemplate:
 
 
 CHAT = PromptTemplate("chat", chat=True)
+CHAT_FORMAT = "chat"   # a prompt format given as this word means the tokenizer's chat template
+
+
+def template_from_format(name: str, fmt: str, *, bos: bool = True) -> PromptTemplate:
+    """The template a config's prompt format names: ``"chat"`` (the tokenizer's chat template) or a
+    format string with ``{prompt}``. ``bos``: prepend the tokenizer's BOS to format-string prompts (False
+    for tokenizers that have none, e.g. Qwen2's; a chat template writes its own)."""
+    fmt = str(fmt)
+    return PromptTemplate(name, chat=True) if fmt == CHAT_FORMAT else PromptTemplate(name, prompt=fmt, bos=bos)
 
 # One template per demo specialist, in the spirit of the paper's three (UltraLM, CodeLlama-Instruct,
 # WizardMath; the math one is WizardMath's without its long preamble, to keep the demo's sequences short).

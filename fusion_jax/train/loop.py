@@ -17,7 +17,7 @@ Construction and run::
 Data protocol (what ``run(data)`` accepts)
     Any iterable of batches; ``iter(data)`` is called once. Each batch is a dict (pytree) of numpy arrays
     holding **this process's share** of the global batch (``B / process_count`` rows; see
-    ``distributed.process_batch_slice``). For exact resume the iterator should offer
+    ``sharding.process_batch_slice``). For exact resume the iterator should offer
     ``get_state() -> dict | bytes | str`` (JSON-serializable) and ``set_state(state)``: grain's
     ``DatasetIterator`` and ``DataLoaderIterator`` do, and so does
     ``fusion_jax.data.sampler.DomainBalancedSampler`` (state ``{"step": t}``). Without them the trainer

@@ -15,9 +15,6 @@ option, before any file is read or any step is taken.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-
 import ml_collections as mlc
 
 from fusion_jax.data.templates import DEMO_TEMPLATES as _DEMO
@@ -287,10 +284,17 @@ def training_fingerprint(c: mlc.ConfigDict) -> str:
     """Hash of everything that determines the trained params (not eval/logging options, not the mesh:
     results do not depend on the device count): a run directory resumes only a run with the same
     fingerprint."""
-    d = c.to_dict()
-    keep = {k: d[k] for k in ("seed", "specialists", "data", "zoo", "gate_hidden", "loss_chunk",
-                              "stage1", "stage2")}
-    for k in ("max_eval_examples", "mixed_eval_examples"):
-        keep["data"].pop(k, None)
-    blob = json.dumps(keep, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    from fusion_jax.train.run import config_fingerprint
+    return config_fingerprint(c, ("seed", "specialists", "data", "zoo", "gate_hidden", "loss_chunk", "stage1",
+                                  "stage2"), drop={"data": ("max_eval_examples", "mixed_eval_examples")})
+
+
+def zoo_specs(c: mlc.ConfigDict):
+    """The demo zoo family (a base and one specialist per domain, each in its own template) and its corpus."""
+    from fusion_jax.zoo import CorpusSpec, spec_from_config
+    names = tuple(c.specialists.names)
+    spec = spec_from_config(c.zoo, seq_len=int(c.data.seq_len), max_prompt_len=int(c.data.max_prompt_len),
+                            specialists=tuple((n, str(c.specialists.templates[n])) for n in names))
+    corpus = CorpusSpec(seed=int(c.data.seed), n_train=int(c.data.n_train), n_eval=int(c.data.n_eval),
+                        domains=names)
+    return spec, corpus
