@@ -1,0 +1,1 @@
+"""FuseLLM / FuseChat distillation."""
