@@ -148,3 +148,182 @@ def pairwise(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         if jb.size:
             out[np.ix_(ia, jb)] = _dp(a_codes[ia], a_len[ia], b_codes[jb], b_len[jb])
     return out
+
+
+# ------------------------------------------------------------------ nearest string over a vocabulary
+
+SHORT = 32  # candidates up to this length go through the compiled 32-bit kernel
+_TILE = 64  # candidates per tile: the kernel's state for one tile stays in cache across the steps
+
+
+def _tile_distances(peq, pat_len, txt_idx, length):
+    """Myers over one tile: ``peq`` ``uint32 [C, tile]``, texts ``txt_idx [T, W]`` (alphabet indices),
+    all texts of ``length`` characters. Returns ``int32 [T, tile]``."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    one = jnp.uint32(1)
+
+    def step(k, state):
+        pv, mv = state
+        eq = jnp.take(peq, txt_idx[:, k], axis=0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | ~(xh | pv)
+        mh = pv & xh
+        ph = (ph << one) | one
+        mh = mh << one
+        return mh | ~(xv | ph), ph & xv
+
+    shape = (txt_idx.shape[0], peq.shape[1])
+    pv, mv = lax.fori_loop(0, length, step, (jnp.full(shape, 0xFFFFFFFF, jnp.uint32), jnp.zeros(shape, jnp.uint32)))
+    mask = jnp.where(pat_len >= 32, jnp.uint32(0xFFFFFFFF), (one << pat_len.astype(jnp.uint32)) - one)
+    return (length + lax.population_count(pv & mask).astype(jnp.int32)
+            - lax.population_count(mv & mask).astype(jnp.int32))
+
+
+_kernel_cache = {}
+
+
+def _kernel():
+    if "k" not in _kernel_cache:
+        import jax
+        from jax import lax
+
+        @jax.jit
+        def kernel(peq, pat_len, txt_idx, length):
+            c, p = peq.shape
+            tiles = (peq.reshape(c, p // _TILE, _TILE).transpose(1, 0, 2), pat_len.reshape(p // _TILE, _TILE))
+            out = lax.map(lambda t: _tile_distances(t[0], t[1], txt_idx, length), tiles)
+            return out.transpose(1, 0, 2).reshape(txt_idx.shape[0], p)
+
+        _kernel_cache["k"] = kernel
+    return _kernel_cache["k"]
+
+
+def _pow2(n: int, floor: int) -> int:
+    return max(floor, 1 << max(0, int(n) - 1).bit_length())
+
+
+def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 512, block: int = 4096,
+            progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """For each query, the candidate at the smallest Levenshtein distance, the lowest candidate index
+    among ties: ``(distance int32 [n_queries], index int32 [n_queries])`` (-1 if there are no candidates).
+
+    Equal to ``min(range(len(candidates)), key=lambda j: editdistance.eval(q, candidates[j]))`` for
+    every query (the brute force; Python's ``min`` keeps the first minimum), computed as:
+    candidates sorted by length into blocks; queries grouped by length into chunks; per chunk the
+    blocks in order of their length lower bound ``|len(q) - len(c)| <= distance``, stopping once that
+    bound exceeds every query's best so far (ties still scanned, for the lowest index); each (chunk,
+    block) is one compiled bit-parallel kernel call (JAX), candidates over 32 characters go through the
+    NumPy path (:func:`pairwise`).
+    """
+    nq, nc = len(queries), len(candidates)
+    best_d = np.full(nq, np.iinfo(np.int32).max, dtype=np.int64)
+    best_i = np.full(nq, -1, dtype=np.int64)
+    if nq == 0 or nc == 0:
+        return best_d.astype(np.int32), best_i.astype(np.int32)
+    import jax.numpy as jnp
+
+    c_codes, c_len = encode(candidates, pad=-1)
+    order = np.lexsort((np.arange(nc), c_len))
+    short = order[c_len[order] <= SHORT]
+    long_ = order[c_len[order] > SHORT]
+    blocks = []  # (candidate indices, min len, max len, is_short)
+    for s in range(0, len(short), block):
+        idx = short[s:s + block]
+        blocks.append((idx, int(c_len[idx].min()), int(c_len[idx].max()), True))
+    if len(long_):
+        blocks.append((long_, int(c_len[long_].min()), int(c_len[long_].max()), False))
+    # Per block, the (pattern, position, code) triples that build its match masks for any alphabet.
+    block_chars = []
+    for idx, _, _, is_short in blocks:
+        if not is_short:
+            block_chars.append(None)
+            continue
+        codes = c_codes[idx][:, :SHORT]
+        pat, pos = np.nonzero(codes >= 0)
+        block_chars.append((pat, pos, codes[pat, pos]))
+    kernel = _kernel()
+    q_len = np.fromiter((len(q) for q in queries), dtype=np.int64, count=nq)
+    q_order = np.argsort(q_len, kind="stable")
+    groups = []
+    for length in np.unique(q_len):
+        members = q_order[q_len[q_order] == length]
+        groups.extend((int(length), members[s:s + chunk]) for s in range(0, len(members), chunk))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=nq, desc="MinED", unit="tok")
+    for length, members in groups:
+        q_strs = [queries[i] for i in members]
+        if length == 0:  # the empty query: distance = candidate length; shortest, then lowest index
+            best_d[members] = int(c_len[order[0]])
+            best_i[members] = int(order[0])
+            if bar:
+                bar.update(len(members))
+            continue
+        q_codes, _ = encode(q_strs, pad=-2)
+        alphabet, q_idx = np.unique(q_codes, return_inverse=True)
+        q_idx = q_idx.reshape(q_codes.shape).astype(np.int32)
+        rows = _pow2(len(members), 16)
+        width = _pow2(length, 8)
+        txt = np.zeros((rows, width), dtype=np.int32)
+        txt[:len(members), :length] = q_idx
+        n_alpha = _pow2(len(alphabet) + 1, 64)  # index len(alphabet).. : rows of zeros (no match)
+        bd = np.full(len(members), np.iinfo(np.int32).max, dtype=np.int64)
+        bi = np.full(len(members), -1, dtype=np.int64)
+        lb = [max(0, lo - length, length - hi) for _, lo, hi, _ in blocks]
+        for b in np.argsort(lb, kind="stable"):
+            if lb[b] > bd.max():
+                break
+            idx, _, _, is_short = blocks[b]
+            if is_short:
+                pat, pos, code = block_chars[b]
+                k = np.searchsorted(alphabet, code)
+                hit = (k < len(alphabet)) & (alphabet[np.minimum(k, len(alphabet) - 1)] == code)
+                cols = _pow2(len(idx), _TILE)
+                peq = np.zeros((n_alpha, cols), dtype=np.uint32)
+                np.bitwise_or.at(peq, (k[hit], pat[hit]), (np.uint32(1) << pos[hit].astype(np.uint32)))
+                plen = np.zeros(cols, dtype=np.int32)
+                plen[:len(idx)] = c_len[idx]
+                d = np.asarray(kernel(jnp.asarray(peq), jnp.asarray(plen), jnp.asarray(txt),
+                                      jnp.int32(length)))[:len(members), :len(idx)]
+            else:
+                d = pairwise(q_strs, [candidates[i] for i in idx])
+            dmin = d.min(axis=1).astype(np.int64)
+            imin = np.where(d == dmin[:, None], idx[None, :], nc).min(axis=1)
+            better = (dmin < bd) | ((dmin == bd) & (imin < bi))
+            bd = np.where(better, dmin, bd)
+            bi = np.where(better, imin, bi)
+        best_d[members], best_i[members] = bd, bi
+        if bar:
+            bar.update(len(members))
+    if bar:
+        bar.close()
+    return best_d.astype(np.int32), best_i.astype(np.int32)
+
+
+def paired(a: Sequence[str], b: Sequence[str]) -> np.ndarray:
+    """``int32 [n]``: Levenshtein distance of ``a[i]`` and ``b[i]`` for every ``i`` (vectorized over the
+    pairs: distinct strings are encoded once, each pair is one cell of a :func:`pairwise` call grouped
+    by distinct ``a``)."""
+    if len(a) != len(b):
+        raise ValueError("paired: a and b differ in length")
+    n = len(a)
+    out = np.empty(n, dtype=np.int32)
+    if n == 0:
+        return out
+    ua, ia = np.unique(np.asarray(a, dtype=object), return_inverse=True)
+    ub, ib = np.unique(np.asarray(b, dtype=object), return_inverse=True)
+    ia, ib = ia.ravel(), ib.ravel()
+    # Blocks of distinct a against only the distinct b they meet, so the cross products stay small.
+    order = np.argsort(ia, kind="stable")
+    sorted_ia = ia[order]
+    step = max(1, 4_000_000 // max(1, len(ub)))
+    for s in range(0, len(ua), step):
+        sel = order[np.searchsorted(sorted_ia, s):np.searchsorted(sorted_ia, s + step)]
+        cols, col_idx = np.unique(ib[sel], return_inverse=True)
+        d = pairwise(list(ua[s:s + step]), list(ub[cols]))
+        out[sel] = d[ia[sel] - s, col_idx.ravel()]
+    return out
