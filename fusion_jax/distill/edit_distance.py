@@ -266,11 +266,12 @@ def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 5
         q_codes, _ = encode(q_strs, pad=-2)
         alphabet, q_idx = np.unique(q_codes, return_inverse=True)
         q_idx = q_idx.reshape(q_codes.shape).astype(np.int32)
-        rows = _pow2(len(members), 16)
-        width = _pow2(length, 8)
+        # Few distinct shapes, so few compilations: rows, width, alphabet and columns are padded.
+        rows = _pow2(len(members), 64)
+        width = _pow2(length, 32)
         txt = np.zeros((rows, width), dtype=np.int32)
         txt[:len(members), :length] = q_idx
-        n_alpha = _pow2(len(alphabet) + 1, 64)  # index len(alphabet).. : rows of zeros (no match)
+        n_alpha = _pow2(len(alphabet) + 1, 256)  # index len(alphabet).. : rows of zeros (no match)
         bd = np.full(len(members), np.iinfo(np.int32).max, dtype=np.int64)
         bi = np.full(len(members), -1, dtype=np.int64)
         lb = [max(0, lo - length, length - hi) for _, lo, hi, _ in blocks]
@@ -282,7 +283,7 @@ def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 5
                 pat, pos, code = block_chars[b]
                 k = np.searchsorted(alphabet, code)
                 hit = (k < len(alphabet)) & (alphabet[np.minimum(k, len(alphabet) - 1)] == code)
-                cols = _pow2(len(idx), _TILE)
+                cols = _pow2(len(idx), max(_TILE, min(block, 1024)))
                 peq = np.zeros((n_alpha, cols), dtype=np.uint32)
                 np.bitwise_or.at(peq, (k[hit], pat[hit]), (np.uint32(1) << pos[hit].astype(np.uint32)))
                 plen = np.zeros(cols, dtype=np.int32)
