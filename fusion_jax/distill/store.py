@@ -188,15 +188,23 @@ class Codec:
 
 # -- writing --------------------------------------------------------------------------------------------
 def write_shard(path: Path, fields: Mapping[str, np.ndarray], offsets: np.ndarray, seq_ce: np.ndarray) -> int:
-    """One shard file, written to a temporary file and renamed; returns its size in bytes."""
-    from safetensors.numpy import save
+    """One shard file (safetensors), written to a temporary file and renamed; returns its size in bytes.
+
+    The bytes are a function of the arrays alone (tensors in name order; the ``safetensors`` package
+    writes its header from a hash map, in an order that changes from process to process)."""
+    from fusion_jax.hf.safetensors_io import TensorSpec, _header_bytes
     arrays = {k: np.ascontiguousarray(v) for k, v in fields.items()}
     arrays["offsets"] = np.asarray(offsets, np.int64)
     arrays["seq_ce"] = np.asarray(seq_ce, np.float32)
-    blob = save(arrays, metadata={"format": FORMAT, "version": str(VERSION)})
+    names = sorted(arrays)
+    header, _ = _header_bytes([TensorSpec(n, arrays[n].shape, arrays[n].dtype) for n in names],
+                              {"format": FORMAT, "version": str(VERSION)})
     with atomic_file(path, "wb") as f:
-        f.write(blob)
-    return len(blob)
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for n in names:
+            f.write(arrays[n].tobytes())
+    return 8 + len(header) + sum(arrays[n].nbytes for n in names)
 
 
 def prepare(store_dir: Path, plan: Mapping[str, Any], what: str = "store") -> list[int]:
