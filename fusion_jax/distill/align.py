@@ -62,7 +62,7 @@ TIE_BREAKS = ("fusellm", "fusechat2")
 _BIG = np.int32(1 << 30)  # the infinite border; real path costs stay far below it (checked)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Alignment:
     """For each base position ``j``: teacher positions ``start[j], ..., start[j] + count[j] - 1``.
 
@@ -133,17 +133,17 @@ def dtw_path(table: np.ndarray, teacher_index: np.ndarray, base_index: np.ndarra
     table = np.asarray(table, dtype=np.int32)
     if table.size and int(table.max()) * (n_teacher + n_base) >= int(_BIG):
         raise DataError("align_tokens: path costs overflow int32 (pieces of absurd length?)")
+    rows = np.ascontiguousarray(table[:, base_index])  # costs of each distinct teacher piece: [U, n_base]
     acc = np.empty((n_teacher, n_base), dtype=np.int32)
-    c = np.empty(n_base, dtype=np.int32)
+    np.cumsum(rows[teacher_index[0]], out=acc[0])
     s = np.empty(n_base, dtype=np.int32)
     e = np.empty(n_base, dtype=np.int32)
-    np.take(table[teacher_index[0]], base_index, out=c)
-    np.cumsum(c, out=acc[0])
+    e_tail, up, diag = e[1:], acc[:, 1:], acc[:, :-1]
+    which = np.asarray(teacher_index).tolist()
     for i in range(1, n_teacher):  # one vector step per teacher row, no loop over cells
-        np.take(table[teacher_index[i]], base_index, out=c)  # this row's costs
-        prev = acc[i - 1]
-        e[0] = prev[0]
-        np.minimum(prev[1:], prev[:-1], out=e[1:])  # min(up, diagonal)
+        c = rows[which[i]]
+        np.minimum(up[i - 1], diag[i - 1], out=e_tail)  # min(up, diagonal) for columns 1..
+        e[0] = acc[i - 1, 0]  # column 0 has no diagonal
         e += c
         np.cumsum(c, out=s)
         e -= s  # x[j] = S[j] + min over t <= j of (e[t] - S[t])

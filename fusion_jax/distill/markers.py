@@ -137,7 +137,7 @@ def detect_marker(tokenizer) -> str:
                       f"as one of {', '.join(map(repr, MARKERS))}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TokenizedText:
     """A text as one tokenizer sees it: ``ids`` ``int32 [n]``, ``pieces`` (the tokens as strings),
     ``offsets`` ``int32 [n, 2]`` (start, end) character offsets into ``text``, and the ``marker``."""

@@ -40,7 +40,7 @@ RULES = ("fusellm", "fusechat2")
 FALLBACKS = ("next", "fusellm_current")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class TeacherSources:
     """``source``: ``int32 [n_base]`` (teacher position, ``ONE_HOT`` or ``OWN``); ``onehot``: ``int32
     [n_base]`` the base id of the one-hot fallback (meaningful where ``source == ONE_HOT``)."""

@@ -207,7 +207,7 @@ def statistics_map(counts: PairCounts, teacher_pieces: Sequence[str], base_piece
     return np.where(exact >= 0, exact, table).astype(np.int32)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class VocabMap:
     """``table``: ``int32 [V_teacher]`` -> base id (-1: no target, "exact" only). ``kind``: one of
     :data:`KINDS`. Fingerprints (:func:`tokenizer_fingerprint`) tie it to its two tokenizers."""
