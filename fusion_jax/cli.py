@@ -24,6 +24,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("convert", "fusion_jax.hf.cli", "convert checkpoints between HF safetensors and Orbax"),
     ("merge", "fusion_jax.merging.cli", "merge models per a mergekit-style YAML config"),
     ("dare", "fusion_jax.merging.cli", "DARE one fine-tune onto its base (drop and rescale its delta)"),
+    ("teacher-pass", "fusion_jax.distill.cli",
+     "run the teachers of a FuseLLM/FuseChat config over its corpus into compact top-k stores"),
     ("train", "fusion_jax.train.cli",
      "train per an ml_collections config (--config=PATH[:PRESET], --config.a.b=VALUE overrides)"),
 )

@@ -143,16 +143,64 @@ def split_long_texts(records: Sequence[dict], tokenizers: Sequence, max_tokens: 
     return out
 
 
+def cut_responses(corpus: Corpus, tokenizers: Sequence, seq_len: int) -> Corpus:
+    """Response layout: every response cut (at a character offset) so that prompt + response + eos fits
+    ``seq_len`` in every tokenizer; an example whose prompt alone leaves fewer than 8 tokens is dropped.
+    All models then read the same (cut) text, so their losses per byte compare."""
+    from fusion_jax.data.templates import PromptTemplate, encode_prompts
+    recs = list(corpus.records)
+    keep = np.ones(len(recs), bool)
+    cuts = [len(r["response"]) for r in recs]
+    for tok in tokenizers:
+        t = PromptTemplate("distill", prompt=corpus.template, bos=tok.bos_token_id is not None)
+        plen = [len(p) for p in encode_prompts(tok, t, [r["prompt"] for r in recs])]
+        enc = tok([r["response"] for r in recs], add_special_tokens=False, return_offsets_mapping=True)
+        for j, (p, off) in enumerate(zip(plen, enc["offset_mapping"])):
+            budget = seq_len - p - 1 - 1   # eos, and one token of margin for re-tokenization at the cut
+            if budget < 8:
+                keep[j] = False
+            elif len(off) > budget:
+                cuts[j] = min(cuts[j], int(off[budget][0]))
+    out = tuple(dict(r, response=r["response"][:c]) for r, c, k in zip(recs, cuts, keep) if k and c > 0)
+    if not out:
+        raise DataError(f"no example fits seq_len={seq_len} in every tokenizer")
+    return Corpus(out, corpus.layout, corpus.template)
+
+
 def fit(corpus: Corpus, tokenizers: Sequence, seq_len: int) -> Corpus:
-    """``corpus`` with every sequence fitting ``seq_len`` in every tokenizer (module docstring)."""
+    """``corpus`` with every sequence fitting ``seq_len`` in every tokenizer (module docstring): long
+    documents are split, long responses cut; then anything still too long is dropped."""
     if corpus.layout == "document":
-        budget = seq_len - 2   # bos and eos
-        recs = split_long_texts(corpus.records, tokenizers, budget)
-        return Corpus(tuple(r for r in recs if r["text"].strip()), corpus.layout, corpus.template)
+        recs = split_long_texts(corpus.records, tokenizers, seq_len - 2)   # bos and eos
+        corpus = Corpus(tuple(r for r in recs if r["text"].strip()), corpus.layout, corpus.template)
+    else:
+        corpus = cut_responses(corpus, tokenizers, seq_len)
     keep = np.ones(len(corpus), bool)
     for tok in tokenizers:
         keep &= tokenize(tok, corpus).lengths <= seq_len
     recs = tuple(r for r, k in zip(corpus.records, keep) if k)
     if not recs:
-        raise DataError(f"no example fits seq_len={seq_len} in every tokenizer")
+        raise DataError(f"no sequence fits seq_len={seq_len} in every tokenizer")
     return Corpus(recs, corpus.layout, corpus.template)
+
+
+def response_bytes(corpus: Corpus) -> np.ndarray:
+    """UTF-8 bytes of each record's targets (its response, or its text for documents)."""
+    key = "text" if corpus.layout == "document" else "response"
+    return np.fromiter((len(r[key].encode("utf-8")) for r in corpus.records), np.int64, len(corpus))
+
+
+def check_same_text(student_tok, teacher_tok, student: Tokenized, teacher: Tokenized, what: str) -> None:
+    """A DataError unless every sequence spells the same text in both tokenizations (special tokens and
+    spaces aside): a teacher whose tokenizer normalizes the text (lower-cases it, drops accents, maps
+    characters to an unknown token) cannot be aligned to the student."""
+    from fusion_jax.distill.markers import check_same_text as same, detect_marker
+    sm, tm = detect_marker(student_tok), detect_marker(teacher_tok)
+    s_special, t_special = set(student_tok.all_special_ids), set(teacher_tok.all_special_ids)
+    for i, (a, b) in enumerate(zip(student.ids, teacher.ids)):
+        sp = student_tok.convert_ids_to_tokens([int(x) for x in a if int(x) not in s_special])
+        tp = teacher_tok.convert_ids_to_tokens([int(x) for x in b if int(x) not in t_special])
+        try:
+            same(sp, tp, sm, tm)
+        except DataError as e:
+            raise DataError(f"{what}: sequence {i}: {e}") from None

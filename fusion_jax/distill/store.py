@@ -131,30 +131,33 @@ class Codec:
     def from_json(cls, d: Mapping[str, Any]) -> "Codec":
         return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)})
 
-    def encode(self, ids: np.ndarray, values: np.ndarray, count: np.ndarray | None = None,
+    def encode(self, ids: np.ndarray, values: np.ndarray, valid: np.ndarray | None = None,
                ce: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        """``ids`` [n, k], ``values`` [n, k] (log-probabilities or logits; entries ``< count`` valid, in any
-        order) -> the shard fields of these n tokens. Valid entries are sorted by descending value."""
+        """``ids`` [n, k], ``values`` [n, k] (log-probabilities or logits), ``valid`` bool [n, k] (default:
+        all; a variable-count codec needs it) -> the shard fields of these n tokens. The valid entries are
+        stored first, by descending value."""
         ids = np.asarray(ids, np.int64)
         values = np.asarray(values, np.float32)
         n, k = ids.shape
         if k != self.k or values.shape != (n, k):
             raise DataError(f"store: expected [n, {self.k}] ids and values, got {ids.shape} and {values.shape}")
-        if count is None:
+        if valid is None:
             if self.variable:
-                raise DataError("store: a variable-count codec needs the per-token count")
-            cnt = np.full(n, k, np.int64)
-        else:
-            cnt = np.asarray(count, np.int64)
-        valid = np.arange(k)[None, :] < cnt[:, None]
+                raise DataError("store: a variable-count codec needs the valid entries")
+            valid = np.ones((n, k), bool)
+        valid = np.asarray(valid, bool)
+        if not self.variable and not valid.all():
+            raise DataError("store: a fixed-count codec stores all k entries of every token")
         if n and ((ids < 0) | (ids >= self.vocab_size))[valid].any():
             raise DataError(f"store: token ids outside [0, {self.vocab_size})")
         if n and not np.isfinite(values[valid]).all():
             raise DataError("store: non-finite top-k values")
         # descending by value, absent entries last (stable: equal values keep their order)
         order = np.argsort(np.where(valid, -values, np.inf), axis=1, kind="stable")
+        cnt = valid.sum(1)
+        valid = np.arange(k)[None, :] < cnt[:, None]
         ids = np.where(valid, np.take_along_axis(ids, order, 1), 0)
-        values = np.take_along_axis(values, order, 1)
+        values = np.where(valid, np.take_along_axis(values, order, 1), 0.0)
         top = values[:, 0] if k else np.zeros(n, np.float32)
         delta = np.where(valid[:, 1:], top[:, None] - values[:, 1:], 0.0)
         out = {"ids": pack_ids(ids, self.bits), "top": np.where(cnt > 0, top, 0).astype(np.float16)}
