@@ -126,7 +126,7 @@ def _smoke(c: mlc.ConfigDict) -> None:
     c.name = f"{c.method}_smoke"
     c.data.n_train = 60
     c.data.n_eval = 8
-    c.data.seq_len = 80
+    c.data.seq_len = 128
     c.data.eval_seq_len = 128
     c.data.max_train_examples = 12
     c.data.max_eval_examples = 4
@@ -137,7 +137,7 @@ def _smoke(c: mlc.ConfigDict) -> None:
     })
     c.teacher_pass.batch_per_device = 4
     c.teacher_pass.shard_sequences = 32
-    c.teacher_pass.pad_multiple = 80       # one padded shape per model (fewer compiles)
+    c.teacher_pass.pad_multiple = 128      # one padded shape per model (fewer compiles)
     c.train.steps = 3
     c.train.batch = 2
     c.train.warmup_steps = 1
