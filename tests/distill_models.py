@@ -37,3 +37,25 @@ def make_model(out: Path, *, kind: str = "bpe", vocab: int = 300, arch: str = "L
                       sliding_window=8 if arch == "MistralForCausalLM" else None)
     hf.save(CausalLM(cfg, rngs=nnx.Rngs(seed)), cfg, out, source_dir=tdir, overwrite=True)
     return out
+
+
+def lowercase_tokenizer(out: Path, vocab: int = 300) -> Path:
+    """A byte-level BPE tokenizer that lower-cases its input (its pieces spell another text)."""
+    from tokenizers import normalizers
+
+    from fusion_jax.data.tokenizer import load_tokenizer, train_tokenizer
+    tok = train_tokenizer(texts(), out, vocab_size=vocab, kind="bpe")
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()
+    tok.save_pretrained(str(out))
+    return out if load_tokenizer(out) is not None else out
+
+
+def wordpiece_tokenizer(out: Path, vocab: int = 300) -> Path:
+    """A BERT-style WordPiece tokenizer: no word-start marker a distillation alignment knows."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(texts(), trainers.WordPieceTrainer(vocab_size=vocab, special_tokens=["[PAD]", "[UNK]"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]").save_pretrained(str(out))
+    return out

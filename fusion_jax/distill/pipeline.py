@@ -94,10 +94,26 @@ def resolve_models(c, run: Run | None, mesh) -> tuple[Model, list[Model], dict, 
         if not (m.dir / "config.json").is_file():
             raise ConfigError(f"{'student' if m.name == STUDENT else 'teacher ' + m.name}: {m.dir} is not a "
                               "checkpoint directory (no config.json)")
+        what = "student" if m.name == STUDENT else f"teacher {m.name}"
         m.load_tokenizer()
-        check_vocabulary(m.dir, m.tok, "student" if m.name == STUDENT else f"teacher {m.name}")
-        detect_marker(m.tok)   # a tokenizer without a known word-start marker cannot be aligned
+        check_vocabulary(m.dir, m.tok, what)
+        try:   # a tokenizer without a known word-start marker cannot be aligned
+            detect_marker(m.tok)
+        except ConfigError as e:
+            raise ConfigError(f"{what}: tokenizer {m.tokenizer_dir}: {e}") from None
+        _check_shipped_tokenizer(m, what)
     return student, teachers, curves, corpus
+
+
+def _check_shipped_tokenizer(m: Model, what: str) -> None:
+    """A tokenizer given apart from a checkpoint that ships its own must be the same vocabulary."""
+    from fusion_jax.data.tokenizer import load_tokenizer
+    from fusion_jax.distill.vocab_map import tokenizer_fingerprint
+    if m.tokenizer_dir.resolve() == m.dir.resolve() or not (m.dir / "tokenizer.json").is_file():
+        return
+    if tokenizer_fingerprint(load_tokenizer(m.dir)) != tokenizer_fingerprint(m.tok):
+        raise ConfigError(f"{what}: the tokenizer {m.tokenizer_dir} is not the one {m.dir} ships with (another "
+                          "vocabulary); the teacher's logits are over its own")
 
 
 # -- 2. corpus ---------------------------------------------------------------------------------------------
