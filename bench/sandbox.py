@@ -111,7 +111,7 @@ def main() -> None:
         f"`python bench/sandbox.py` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC): one "
         f"tiny program (`{PROGRAM}`) per run, wall time from the caller's side; floor and sandbox "
         f"alternate, {n} runs each, medians; CPU = the caller's plus its children's (`getrusage`), which "
-        "a loaded machine inflates less than wall time. Machine: {machine}; isolation layers active here: "
+        f"a loaded machine inflates less than wall time. Machine: {machine}; isolation layers active here: "
         f"{', '.join(iso)}.", "",
         "| interpreter | bare `python -I` (floor) wall ms | `run_program` wall ms | overhead wall ms "
         "| floor CPU ms | `run_program` CPU ms | overhead CPU ms |",

@@ -84,7 +84,8 @@ def test_disk_fillers_are_stopped():
 
 def test_write_outside_the_directory_is_blocked(tmp_path):
     target = tmp_path / "evil.txt"
-    for code in (f"open({str(target)!r}, 'w').write('x')", f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)",
+    for code in (f"open({str(target)!r}, 'w').write('x')",
+                 f"import os\nos.open({str(target)!r}, os.O_WRONLY | os.O_CREAT)",
                  f"import os\nos.rename('main.py', {str(target)!r})", "import os\nos.mkdir('/tmp/fusion-evil-dir')"):
         r = run_program(code, **FAST)
         assert r.status == "blocked", (code, r)

@@ -34,8 +34,9 @@ Layers, from the real boundary inwards (``Result.isolation`` names the ones a ru
 
 Statuses: ``ok`` (exit 0), ``error`` (non-zero exit, e.g. an exception or failed assertion),
 ``timeout`` (wall or CPU time), ``memory``, ``disk`` (file size or directory quota), ``processes``
-(the process limit refused a fork), ``blocked`` (the audit hook refused something), ``killed`` (another signal), ``sandbox_error`` (the sandbox itself failed
-to run the program; never the program's fault). Overhead per program: see BENCHMARKS.md ("Sandbox").
+(the process limit refused a fork), ``blocked`` (the audit hook refused something, or the network is
+absent), ``killed`` (another signal), ``sandbox_error`` (the sandbox itself failed to run the program;
+never the program's fault). Overhead per program: see BENCHMARKS.md ("Sandbox").
 """
 from __future__ import annotations
 
@@ -43,7 +44,6 @@ import concurrent.futures as cf
 import dataclasses
 import itertools
 import os
-import resource
 import select
 import shutil
 import signal
@@ -451,8 +451,7 @@ def _classify(rc: int, stderr: str, killed_for: str | None, cpu: float, lim: Lim
     return "error", last
 
 
-def run_program(code: str, *, stdin: str = "", limits: Limits | None = None, python: str | None = None,
-                **limit_kw) -> Result:
+def run_program(code: str, *, stdin: str = "", limits: Limits | None = None, **limit_kw) -> Result:
     """Run ``code`` as ``main.py`` in a fresh sandbox; see the module docstring. Limits come from
     ``limits`` or keywords of :class:`Limits` (``timeout_s``, ``memory_mb``, ``cpu_s``, ...)."""
     lim = limits if limits is not None else Limits(**limit_kw)
@@ -482,7 +481,7 @@ def run_program(code: str, *, stdin: str = "", limits: Limits | None = None, pyt
         cfg = {"box": box, "report": paths["isolation"], "cgroup": cgroup, "rlimits": rlimits,
                "read_dirs": _read_dirs(lim.site_packages),
                "audit": bool(lim.audit_hook)}
-        argv = [python or sys.executable, "-I", "-B"] + ([] if lim.site_packages else ["-S"])
+        argv = [sys.executable, "-I", "-B"] + ([] if lim.site_packages else ["-S"])
         argv += ["-c", _BOOTSTRAP.replace("CONFIG", repr(cfg), 1)]
         with open(paths["stdin"], "rb") as fin, open(paths["stdout"], "wb") as fout, \
                 open(paths["stderr"], "wb") as ferr:
