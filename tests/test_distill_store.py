@@ -106,8 +106,10 @@ def test_store_refusals(tmp_path):
     with pytest.raises(DataError, match="another corpus"):
         st.Store.open(tmp_path / "s", {"fingerprints.corpus": "other"})
     other = dict(plan, fingerprints={"corpus": "c2", "tokenizer": "t1"})
-    with pytest.raises(DataError, match="another computation.*fingerprints.corpus"):
+    with pytest.raises(DataError, match="made for another corpus"):
         st.prepare(tmp_path / "s", other)
+    with pytest.raises(DataError, match="another computation.*n_sequences"):
+        st.prepare(tmp_path / "s", dict(plan, n_sequences=4))
     # an interrupted store: plan and a shard, no manifest
     st.prepare(tmp_path / "p", plan)
     with pytest.raises(DataError, match="incomplete"):

@@ -138,7 +138,13 @@ def _train_unigram(texts: list[str], vocab_size: int, min_frequency: int):
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size - 256, special_tokens=specials, unk_token=UNK,
                                       shrinking_factor=0.75, max_piece_length=16, n_sub_iterations=2,
                                       show_progress=False)
-    probe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    try:
+        probe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    except Exception as e:  # noqa: BLE001 - the trainer raises a bare Exception
+        chars = len(set("".join(texts)))
+        raise DataError(f"vocab_size={vocab_size}: a unigram tokenizer needs room for its {len(specials)} "
+                        f"special tokens, the 256 byte pieces and every character of the corpus ({chars}): "
+                        f"{e}") from None
     vocab = [tuple(x) for x in probe.get_vocab_with_scores()] if hasattr(probe, "get_vocab_with_scores") \
         else _unigram_vocab(probe)
     have = {p for p, _ in vocab}

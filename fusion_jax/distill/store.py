@@ -227,6 +227,12 @@ def prepare(store_dir: Path, plan: Mapping[str, Any], what: str = "store") -> li
         except ValueError:
             old = None
         if old != plan:
+            fo, fn = (old or {}).get("fingerprints", {}), plan.get("fingerprints", {})
+            for key in ("tokenizer", "corpus", "teacher", *sorted(set(fo) | set(fn))):
+                if fo.get(key) != fn.get(key):
+                    raise DataError(f"{what}: {store_dir} holds a store made for another {key} (fingerprint "
+                                    f"{fo.get(key)!r} there, {fn.get(key)!r} now); delete it or choose another "
+                                    "directory")
             diff = _first_difference(old, plan)
             raise DataError(f"{what}: {store_dir} holds a store of another computation ({diff}); delete it or "
                             "choose another directory")

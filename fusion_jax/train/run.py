@@ -15,6 +15,7 @@ restores its latest checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -188,6 +189,15 @@ class Run:
         return time.perf_counter() - self._t0
 
 
+def _options(cfg: Any) -> dict:
+    """A config group given as a ConfigDict, a mapping or a dataclass, as a plain dict."""
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return dict(cfg)
+
+
 def _read_fingerprint(f: Path) -> str | None:
     if not f.is_file():
         return None
@@ -230,17 +240,17 @@ def train_on_arrays(loss_fn, params, axes, arrays: Mapping[str, Any], run_cfg, w
     if not arrays:
         raise FusionError(f"{desc}: no training data")
     by_domain = arrays if isinstance(next(iter(arrays.values())), Mapping) else {desc: arrays}
-    steps = int(run_cfg.steps)
-    log(f"  {desc}: {steps} steps x {int(run_cfg.batch)} rows" + (" per domain" if len(by_domain) > 1 else ""))
-    sampler = DomainBalancedSampler({k: dict(v) for k, v in by_domain.items()}, int(run_cfg.batch), seed=seed,
+    r, t = _options(run_cfg), _options(trainer_cfg)
+    steps, batch = int(r["steps"]), int(r["batch"])
+    log(f"  {desc}: {steps} steps x {batch} rows" + (" per domain" if len(by_domain) > 1 else ""))
+    sampler = DomainBalancedSampler({k: dict(v) for k, v in by_domain.items()}, batch, seed=seed,
                                     process_index=jax.process_index(), process_count=jax.process_count())
-    opt = OptimizerConfig(learning_rate=float(run_cfg.learning_rate), warmup_steps=int(run_cfg.warmup_steps),
+    opt = OptimizerConfig(learning_rate=float(r["learning_rate"]), warmup_steps=int(r.get("warmup_steps", 0)),
                           schedule=schedule, end_lr_ratio=end_lr_ratio, weight_decay=weight_decay,
                           grad_clip=grad_clip, b1=float(betas[0]), b2=float(betas[1]))
-    t = trainer_cfg
-    tc = TrainerConfig(total_steps=steps, workdir=str(workdir), seed=seed, save_every=int(t.save_every),
-                       keep_checkpoints=int(t.keep_checkpoints), log_every=max(1, min(int(t.log_every), steps)),
-                       progress=bool(t.progress), async_checkpointing=bool(t.async_checkpointing))
+    tc = TrainerConfig(total_steps=steps, workdir=str(workdir), seed=seed, save_every=int(t["save_every"]),
+                       keep_checkpoints=int(t["keep_checkpoints"]), log_every=max(1, min(int(t["log_every"]), steps)),
+                       progress=bool(t["progress"]), async_checkpointing=bool(t["async_checkpointing"]))
     trainer = Trainer(loss_fn, params, opt, tc, mesh=mesh, param_logical_axes=axes, trainable=trainable,
                       meta=meta)
     try:

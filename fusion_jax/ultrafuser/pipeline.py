@@ -62,8 +62,21 @@ def _demo_examples(corpus: dict, c, domains) -> tuple[dict, dict]:
 
 
 # -- training ------------------------------------------------------------------------------------------
-def run_stage(stage: int, fm, train_sets: dict, c, mesh, work: Path):
-    """Stage 1: gate only; stage 2: all weights. Updates ``fm`` in place; returns the loss curve."""
+def monitor_fn(fm, monitor_sets: dict, c, mesh):
+    """``params -> {domain: held-out fused loss}`` on a fixed subset of every evaluation set: the curve that
+    shows whether a stage helps (the train loss of small balanced batches moves with how hard each batch
+    happens to be, so it cannot show a trend over a few dozen steps)."""
+    ev = uev.make_fused_eval(fm, int(c.loss_chunk))
+    bs = int(c.eval.batch_size)
+    names = list(fm.names)
+    return lambda params: {d: uev.fused_loss_and_weights(ev, params, a, bs, mesh, names)[0]
+                           for d, a in monitor_sets.items()}
+
+
+def run_stage(stage: int, fm, train_sets: dict, c, mesh, work: Path, monitor=None):
+    """Stage 1: gate only; stage 2: all weights. Updates ``fm`` in place; returns the metrics rows (the
+    train loss every ``trainer.log_every`` steps, the held-out ``eval/<domain>`` losses of ``monitor``
+    every ``trainer.eval_every`` steps)."""
     from fusion_jax.data.sampler import DomainBalancedSampler
     from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
     from fusion_jax.train.metrics import read_jsonl
@@ -84,12 +97,12 @@ def run_stage(stage: int, fm, train_sets: dict, c, mesh, work: Path):
     tc = TrainerConfig(total_steps=steps, workdir=str(wd), seed=int(c.seed) + stage,
                        save_every=int(t.save_every), keep_checkpoints=int(t.keep_checkpoints),
                        log_every=max(1, min(int(t.log_every), steps)), progress=bool(t.progress),
-                       async_checkpointing=bool(t.async_checkpointing),
+                       async_checkpointing=bool(t.async_checkpointing), eval_every=int(t.eval_every),
                        # stage 1: the frozen specialists are re-read from their files on resume
                        save_frozen=stage != 1)
     trainer = Trainer(fm.trainer_loss_fn(int(c.loss_chunk)), fm.train_params(), opt, tc,
                       trainable=STAGE1_TRAINABLE if stage == 1 else STAGE2_TRAINABLE, mesh=mesh,
-                      param_logical_axes=fm.train_logical_axes(), meta={"stage": stage})
+                      param_logical_axes=fm.train_logical_axes(), meta={"stage": stage}, eval_fn=monitor)
     try:
         result = trainer.run(sampler)
     finally:
@@ -191,10 +204,13 @@ def run(config) -> dict:
     log("eval before fusion: " + "; ".join(f"{m}: " + ", ".join(f"{d} {v:.3f}" for d, v in ev.items())
                                            for m, ev in eval_loss.items()))
 
+    n_mon = int(c.eval.monitor_examples)
+    monitor = (monitor_fn(fm, {d: {k: v[:n_mon] for k, v in a.items()} for d, a in eval_sets.items()}, c, mesh)
+               if n_mon > 0 and int(c.trainer.eval_every) > 0 else None)
     curves = {}
     for stage in (1, 2):
         curves[f"stage{stage}"] = run_dir.timed(f"stage{stage}", lambda: run_stage(stage, fm, train_sets, c, mesh,
-                                                                                    work))
+                                                                                    work, monitor))
 
     # -- 5. the fused model ------------------------------------------------------------------------------------
     def eval_fused():
@@ -219,7 +235,7 @@ def run(config) -> dict:
     models = (["base"] if "base" in eval_loss else []) + ["fused"] + names
     report = {"eval_loss": {m: eval_loss[m] for m in models}, "gate_weights": gate_w}
     from fusion_jax.train.report import curve
-    checks = ureport.checks(report, names, domains, curve(curves.get("stage2") or []))
+    checks = ureport.checks(report, names, domains, ureport.heldout_curve(curves.get("stage2") or [], eval_domains))
     if is_main():
         zoo_curves = zoo.curves() if zoo is not None else {}
         ureport.write_all(out_dir, report, checks, timings, samples, curves, zoo_curves, c, names,
