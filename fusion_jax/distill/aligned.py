@@ -59,29 +59,33 @@ def _pieces(tok, ids: np.ndarray) -> list[str]:
     return tok.convert_ids_to_tokens([int(x) for x in ids])
 
 
-def _alignments(student_tok, teacher_tok, student: Tokenized, teacher: Tokenized, tie_break: str) -> list:
-    """Per sequence ``(student pieces, teacher pieces, Alignment)`` (the official DP)."""
-    from fusion_jax.distill.align import align_tokens
-    from fusion_jax.distill.markers import detect_marker
-    sm, tm = detect_marker(student_tok), detect_marker(teacher_tok)
-    out = []
-    for i in range(len(student)):
-        sp, tp = _pieces(student_tok, student.ids[i]), _pieces(teacher_tok, teacher.ids[i])
-        out.append((sp, tp, align_tokens(sp, tp, base_marker=sm, teacher_marker=tm, tie_break=tie_break)))
-    return out
+class _Aligner:
+    """Per sequence ``(student pieces, teacher pieces, Alignment)`` by the official DP, computed when asked
+    (nothing is kept for the whole corpus: a shard's worth at a time)."""
+
+    def __init__(self, student_tok, teacher_tok, student: Tokenized, teacher: Tokenized, tie_break: str):
+        from fusion_jax.distill.markers import detect_marker
+        self.st, self.tt, self.s, self.t, self.tie_break = student_tok, teacher_tok, student, teacher, tie_break
+        self.sm, self.tm = detect_marker(student_tok), detect_marker(teacher_tok)
+
+    def __call__(self, i: int):
+        from fusion_jax.distill.align import align_tokens
+        sp, tp = _pieces(self.st, self.s.ids[i]), _pieces(self.tt, self.t.ids[i])
+        return sp, tp, align_tokens(sp, tp, base_marker=self.sm, teacher_marker=self.tm, tie_break=self.tie_break)
 
 
 def vocab_table(student_tok, teacher_tok, student: Tokenized, teacher: Tokenized, opts: AlignOptions,
-                teacher_vocab_size: int, alignments: Sequence | None = None) -> np.ndarray:
+                teacher_vocab_size: int) -> np.ndarray:
     """``int32 [teacher_vocab_size]``: teacher id -> student id (-1: dropped), padded with -1 for the
-    checkpoint's rows the tokenizer has no piece for. ``"statistics"`` counts the aligned pairs of
-    ``alignments`` (:func:`_alignments`) over the corpus."""
+    checkpoint's rows the tokenizer has no piece for. ``"statistics"`` first counts the aligned pairs of
+    every sequence of the corpus (FuseChat-2.0's co-occurrence matrix, sparse)."""
     from fusion_jax.distill.vocab_map import PairCounts, build_vocab_map
     counts = None
     if opts.vocab_map == "statistics":
+        align = _Aligner(student_tok, teacher_tok, student, teacher, opts.tie_break)
         counts = PairCounts(len(student_tok), len(teacher_tok))
-        for i, (_, _, al) in enumerate(alignments):
-            counts.add(student.ids[i], teacher.ids[i], al)
+        for i in range(len(student)):
+            counts.add(student.ids[i], teacher.ids[i], align(i)[2])
     table = build_vocab_map(teacher_tok, student_tok, opts.vocab_map, counts=counts).table
     out = np.full(int(teacher_vocab_size), -1, np.int32)
     out[:len(table)] = table[:teacher_vocab_size]
@@ -108,7 +112,6 @@ def align_teacher(student_tok, teacher_tok, student: Tokenized, teacher: Tokeniz
                   out_dir: str | Path, opts: AlignOptions, *, fingerprints: Mapping[str, str],
                   student_vocab_size: int, log=print, desc: str = "align") -> st.Store:
     """Write (or reuse) the aligned store of one teacher at ``out_dir``; returns it opened."""
-    from fusion_jax.distill.markers import detect_marker
     from fusion_jax.distill.targets import teacher_sources
     from fusion_jax.train.run import barrier, is_main
     if len(student) != len(teacher) or teacher_store.n_sequences != len(student):
@@ -126,10 +129,9 @@ def align_teacher(student_tok, teacher_tok, student: Tokenized, teacher: Tokeniz
     if is_main():
         done = st.prepare(out_dir, plan, desc)
         if len(done) < n_shards or not (out_dir / st.MANIFEST).is_file():
-            alignments = _alignments(student_tok, teacher_tok, student, teacher, opts.tie_break)
-            table = vocab_table(student_tok, teacher_tok, student, teacher, opts, teacher_store.codec.vocab_size,
-                                alignments)
-            sm, tm = detect_marker(student_tok), detect_marker(teacher_tok)
+            table = vocab_table(student_tok, teacher_tok, student, teacher, opts, teacher_store.codec.vocab_size)
+            align = _Aligner(student_tok, teacher_tok, student, teacher, opts.tie_break)
+            sm, tm = align.sm, align.tm
             # FuseLLM "soft": a position also counts as matched when the map sends the teacher token to the
             # student's (teacher_sources' table check); "exact" and FuseChat's rule match on pieces only
             use_table = table if opts.rule == "fusellm" and opts.vocab_map != "exact" else None
@@ -138,7 +140,7 @@ def align_teacher(student_tok, teacher_tok, student: Tokenized, teacher: Tokeniz
                 rows = range(s * R, min((s + 1) * R, len(student)))
                 src_all, hot_all, t_ids, t_vals, base = [], [], [], [], 0
                 for i in rows:
-                    sp, tp, al = alignments[i]
+                    sp, tp, al = align(i)
                     src = teacher_sources(al, sp, tp, student.ids[i], teacher.ids[i], base_marker=sm,
                                           teacher_marker=tm, rule=opts.rule, table=use_table,
                                           fallback=opts.fallback)
