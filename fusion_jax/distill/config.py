@@ -74,8 +74,8 @@ def base_config(method: str = "fusellm") -> mlc.ConfigDict:
     c.zoo.seed = 0
     c.zoo.student = _family("bpe", 1024, "LlamaForCausalLM", 96, 256, 2, 2, 2, 0, _lm_run(90, 16, 3e-3, 10))
     c.zoo.teachers = mlc.ConfigDict({
-        "qwen2": _family("unigram", 1536, "Qwen2ForCausalLM", 128, 352, 3, 4, 2, 0, _lm_run(200, 16, 3e-3, 15)),
-        "mistral": _family("bpe", 768, "MistralForCausalLM", 128, 352, 3, 4, 4, 48, _lm_run(200, 16, 3e-3, 15)),
+        "qwen2": _family("unigram", 1536, "Qwen2ForCausalLM", 128, 352, 3, 4, 2, 0, _lm_run(300, 16, 3e-3, 15)),
+        "mistral": _family("bpe", 768, "MistralForCausalLM", 128, 352, 3, 4, 4, 48, _lm_run(300, 16, 3e-3, 15)),
     })
 
     c.teacher_pass = mlc.ConfigDict({
@@ -103,7 +103,7 @@ def base_config(method: str = "fusellm") -> mlc.ConfigDict:
         "with_ref_model": True,           # the student's own pre-trained distribution is a candidate
         "loss_chunk": 128,                # sequence chunk of the loss ([B, chunk, V] student logits at once)
     })
-    c.train = mlc.ConfigDict({"steps": 80, "batch": 8, "learning_rate": 1e-3, "warmup_steps": 8,
+    c.train = mlc.ConfigDict({"steps": 40, "batch": 8, "learning_rate": 1e-3, "warmup_steps": 8,
                               "warmup_ratio": 0.0, "schedule": "cosine", "end_lr_ratio": 0.1,
                               "weight_decay": 0.0, "grad_clip": 1.0, "b2": 0.999})
     c.baseline = True                     # also train the student without the fusion term (same data, steps)
