@@ -112,8 +112,9 @@ def test_gradients_match_dense_jax():
         clm = -jnp.take_along_axis(logq[:, :-1], input_ids[:, 1:, None], -1).mean()
         return 0.5 * clm + 0.5 * fus
 
-    np.testing.assert_allclose(float(sparse(W)), float(dense(W)), rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(jax.grad(sparse)(W)), np.asarray(jax.grad(dense)(W)), rtol=1e-4, atol=1e-6)
+    (ls, gs), (ld, gd) = (jax.jit(jax.value_and_grad(f))(W) for f in (sparse, dense))
+    np.testing.assert_allclose(float(ls), float(ld), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(gs), np.asarray(gd), rtol=1e-4, atol=1e-6)
 
 
 def test_mince_ties_and_bf16_rewards():
@@ -146,10 +147,11 @@ def test_student_model_loss_matches_dense_reference():
              "t_ids": ids, "t_values": values, "t_count": count * am[..., None], "t_ce": ce}
     batch["loss_mask"][:, 0] = 0
     loss, aux = jax.jit(make_distill_loss(graphdef, lam=0.9, method="mince", chunk=3))(params, batch, None)
-    Z = np.asarray(nnx.merge(graphdef, state)(batch["input_ids"], attention_mask=am).logits)
+    Z = np.asarray(jax.jit(lambda p, x, m: nnx.merge(graphdef, nnx.State(p))(x, attention_mask=m).logits)(
+        params, batch["input_ids"], am))
     ref = _dense_reference(Z, batch["input_ids"], batch["loss_mask"], batch["fusion_mask"], ids, values,
                            batch["t_count"], ce, lam=0.9, method="mince")[0]
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-    clm, _ = make_distill_loss(graphdef, lam=1.0, chunk=4)(params, batch, None)
-    plain, _ = nnx_causal_lm_loss(graphdef)(params, batch, None)
+    clm, _ = jax.jit(make_distill_loss(graphdef, lam=1.0, chunk=4))(params, batch, None)
+    plain, _ = jax.jit(nnx_causal_lm_loss(graphdef))(params, batch, None)
     np.testing.assert_allclose(float(clm), float(plain), rtol=1e-6)

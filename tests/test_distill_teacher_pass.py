@@ -20,23 +20,27 @@ REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 
 # one script for the subprocess runs: a pass over the fixture corpus (argv: model dir, store dir, R)
-PASS = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {tests!r})
-    import distill_models as fx
+def fixture_pass(model, out, R, slow=False):
+    """The pass the subprocesses run: the fixture corpus, top-6, small shards."""
     from fusion_jax.data.tokenizer import load_tokenizer
-    from fusion_jax.distill import data as dd, store as st
+    from fusion_jax.distill import data as dd
+    from fusion_jax.distill import store as st
     from fusion_jax.distill.teacher_pass import run_teacher_pass
-    model, out, R, slow = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "slow"
     tok = load_tokenizer(model)
-    corpus = dd.fit(dd.Corpus(tuple({{"domain": "x", "text": t}} for t in fx.texts(40)), "document"), [tok], 48)
+    corpus = dd.fit(dd.Corpus(tuple({"domain": "x", "text": t} for t in fx.texts(40)), "document"), [tok], 48)
     if slow:   # a shard every 0.3 s, so the test can kill the pass between two shards
         write = st.write_shard
         st.write_shard = lambda *a, **k: (write(*a, **k), time.sleep(0.3))[0]
-    run_teacher_pass(model, tok, dd.tokenize(tok, corpus), out, fingerprints={{"corpus": corpus.fingerprint(),
-                     "tokenizer": "t"}}, k=6, batch_per_device=2, shard_sequences=R, pad_multiple=16,
+    run_teacher_pass(model, tok, dd.tokenize(tok, corpus), out, fingerprints={"corpus": corpus.fingerprint(),
+                     "tokenizer": "t"}, k=6, batch_per_device=2, shard_sequences=int(R), pad_multiple=16,
                      progress=False, log=lambda m: None)
-    print("DONE")
+
+
+PASS = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_distill_teacher_pass import fixture_pass
+    fixture_pass(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "slow")
 """).format(tests=str(TESTS))
 
 
@@ -88,8 +92,7 @@ def test_store_matches_transformers(tmp_path, arch, kind, vocab):
 
 
 def test_resume_after_sigkill_gives_the_same_bytes(teacher, tmp_path):
-    full = _run([teacher, tmp_path / "full", 4, "fast"])
-    assert full.returncode == 0, full.stderr[-2000:]
+    fixture_pass(teacher, tmp_path / "full", 4)
     p = subprocess.Popen([sys.executable, "-c", PASS, str(teacher), str(tmp_path / "cut"), "4", "slow"], cwd=REPO,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -149,9 +152,9 @@ EIGHT = textwrap.dedent("""
 
 def test_eight_devices_same_store_and_loss(teacher, tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    one = _run([teacher, tmp_path / "one", 5, "fast"])
+    fixture_pass(teacher, tmp_path / "one", 5)
     eight = _run([teacher, tmp_path / "eight", 5, "fast"], env=env)
-    assert one.returncode == 0 and eight.returncode == 0, (one.stderr + eight.stderr)[-3000:]
+    assert eight.returncode == 0, eight.stderr[-3000:]
     assert _digest(tmp_path / "one") == _digest(tmp_path / "eight")
     r = subprocess.run([sys.executable, "-c", EIGHT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
