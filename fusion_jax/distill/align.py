@@ -16,11 +16,12 @@ positions aligned to it):
   alignment"):
 
   1. costs: one Levenshtein per *distinct* (teacher piece, base piece) pair, bit-parallel over all
-     pairs at once (:mod:`fusion_jax.distill.edit_distance`), then gathered per row;
+     pairs at once (:mod:`fusion_jax.distill.edit_distance`); each distinct teacher piece's cost row
+     over the base sequence is then kept as its inclusive and exclusive prefix sums;
   2. forward pass: one NumPy step per teacher row, no loop over cells. Within a row the recurrence
      ``x[j] = min(e[j], c[j] + x[j-1])`` with ``e[j] = c[j] + min(up, diagonal)`` unrolls to
-     ``x[j] = S[j] + min_{t<=j}(e[t] - S[t])`` with ``S`` the row's cost prefix sum: a cumulative sum
-     and a cumulative minimum;
+     ``x[j] = S[j] + min_{t<=j}(e[t] - S[t])`` with ``S`` the row's cost prefix sum: four vector
+     operations per row, the one sequential part a cumulative minimum;
   3. backtrack: one step per path cell (at most n_base + n_teacher), reading three int32 values.
 
   Pieces are whatever the caller passes (FuseLLM: ``convert_ids_to_tokens``); :func:`fusion_jax.
@@ -33,14 +34,18 @@ positions aligned to it):
   last one starting before ``e`` (the teacher tokens it overlaps). It refuses (``DataError``) two
   tokenizations that do not spell the same text.
 
-How the two differ on real text (measured by ``bench/align.py``; numbers in ``BENCHMARKS.md``):
-the lists are equal at most positions. They differ where the edit-distance path has to decide
-between neighbours that overlap the same characters: whitespace-only pieces (a lone "Ġ"/"▁", "ĊĊ",
-indentation runs) that one tokenizer glues to the next word and the other keeps apart, digit groups
-(Llama-3 splits numbers in threes, Llama-2 in single digits), multi-byte characters split into byte
-pieces, and long pieces that cover several pieces of the other side, where the DP's per-cell cost
-prefers a one-to-one diagonal over the true one-to-many cover. The DP never leaves a base position
-without a teacher; the offsets alignment leaves none empty either unless a base token covers no text.
+How the two differ on real text (``bench/align.py``: 8 windows of 2048 base tokens of Python's
+documentation prose per pair; numbers in ``BENCHMARKS.md``): the lists differ at 8% of the base
+positions for Llama-2 <- Llama-3, 13% for Qwen3 <- Gemma-3, 19% for Gemma-3 <- Llama-2 and 0.3% for
+Llama-3 <- Qwen3 (two byte-level BPEs with nearly the same pre-tokenizer). Where: (a) whitespace spelled
+differently -- the official cost compares piece *spellings*, so SentencePiece's "<0x0A>" against
+byte-level "Ċ" (both a newline) costs 6 edits, and runs of "▁"/"Ġ" pieces are grouped differently; the
+DP then pairs a newline with a neighbouring word; (b) a word one side keeps whole and the other splits
+("ĠAssertionError" vs "▁Assert" "ion" "Error"): the overlap gives every piece the whole word, the DP
+pairs each piece with whichever neighbour is cheapest and often gives the one-to-many list to a
+neighbour; (c) a few positions of drift after such a disagreement. Differences are local: the DP
+re-synchronizes within a few tokens. The offsets alignment is what the text says; the DP is what the
+official code trains on (use it for parity with FuseLLM/FuseChat).
 
 Both forms are precomputed int32 tables: :meth:`Alignment.csr` (offsets + indices),
 :meth:`Alignment.padded` (``[n_base, width]`` with -1) or simply ``start``/``count`` (the aligned teacher
@@ -136,8 +141,8 @@ def dtw_path(table: np.ndarray, teacher_index: np.ndarray, base_index: np.ndarra
     # Each distinct teacher piece's cost row through its prefix sums, inclusive (S) and exclusive
     # (S - c): the loop then needs four vector operations per row.
     rows = np.ascontiguousarray(table[:, base_index])  # [distinct teacher pieces, n_base]
-    incl = np.cumsum(rows, axis=1).astype(np.int32)
-    excl = (incl - rows).astype(np.int32)
+    incl = np.cumsum(rows, axis=1, dtype=np.int32)  # int32 throughout: no casting buffers
+    excl = incl - rows
     acc = np.empty((n_teacher, n_base), dtype=np.int32)
     which = np.asarray(teacher_index).tolist()
     acc[0] = incl[which[0]]
