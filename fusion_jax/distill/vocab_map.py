@@ -18,6 +18,14 @@ Three maps (``reference/fusellm_fusechat.md`` section 2). Pieces are the tokeniz
   substring of the other), the lowest base id among ties; never aligned: the base unk id (eos if none);
   teacher bos/eos map to base bos/eos.
 
+Where the releases differ (reference file sections 1.2, 2.3): FuseChat-2.0's own "soft" (MinED) path is
+broken as released (``editdistance.eval`` of a string against a NumPy array is one number, so every
+inexact token maps to the first vocabulary entry); ``"mined"`` is FuseLLM's working version. The
+statistics map compares raw pieces (FuseChat-2.0 at bc5545d); its byte-string replacements ("âĢĻ" ->
+"’", ...) and the Llama-3 -> Mistral special-token renaming are not applied: they only move a few
+distances between byte-level and SentencePiece spellings. FuseChat-2.0 at HEAD aligns ``decode([id])``
+strings instead of pieces: pass such strings as pieces (with either marker; they contain none) to get it.
+
 A :class:`VocabMap` is built once, saved (``table.npz`` + ``manifest.json`` with both tokenizers'
 fingerprints), loaded (refusing other tokenizers) and applied under ``jax.jit`` by :func:`map_topk`.
 
