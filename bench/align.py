@@ -198,9 +198,9 @@ def render(align_rows, diff_rows, mined, argv) -> str:
               f"{min(ratios):.0f}-{max(ratios):.0f}x; goal >= 100x); against our best time {np.median(best):.0f}x. "
               f"The reference ran at {np.median(cells):.2f} us per cell in this run (the issue's anchor: 1.94 us, "
               f"7.6 s per 2048 x 1928 pair), ours at {np.median(ours_cell):.1f} ns per cell. Both are "
-              "single-threaded; on a busy machine ours suffers more than the reference (many short NumPy calls "
-              "and a 16 MB matrix against one long interpreter loop), so the ratio is lowest when the load is "
-              "highest: compare ratios from one run, not times across runs."]
+              "single-threaded and share the cores with other jobs, so absolute times move with the load (the "
+              "reference's time per cell above against the anchor's): compare ratios from one run, not times "
+              "across runs."]
     lines += ["", "**DP vs character offsets** (`align_by_offsets`: each base token gets the teacher tokens whose "
               "character spans overlap its own), same windows, tie-break fusellm:", "",
               "| base <- teacher | base positions | lists differ | base piece kinds where they differ | why (share of the differences) |",
