@@ -29,10 +29,10 @@ positions aligned to it):
   text: FuseChat-2.0 aligns padded sequences on purpose. Empty input: an empty base gives an empty
   alignment; an empty teacher gives every base position an empty list (the original code fails there).
 
-* :func:`align_by_offsets` -- by the tokenizers' character offsets into the shared text, in linear
-  time: base token ``[s, e)`` gets every teacher token from the first one ending after ``s`` to the
-  last one starting before ``e`` (the teacher tokens it overlaps). It refuses (``DataError``) two
-  tokenizations that do not spell the same text.
+* :func:`align_by_offsets` -- by the tokenizers' character offsets into the shared text, without a DP
+  (two vectorized binary searches over the sorted spans): base token ``[s, e)`` gets every teacher
+  token from the first one ending after ``s`` to the last one starting before ``e`` (the teacher
+  tokens it overlaps). It refuses (``DataError``) two tokenizations that do not spell the same text.
 
 How the two differ on real text (``bench/align.py``: 8 windows of 2048 base tokens of Python's
 documentation prose per pair; numbers in ``BENCHMARKS.md``): the lists differ at 8% of the base
@@ -253,7 +253,8 @@ def align_tokens(base_pieces: Sequence[str], teacher_pieces: Sequence[str], *, b
 
 
 def align_by_offsets(base: TokenizedText, teacher: TokenizedText) -> Alignment:
-    """Align two tokenizations of the same text by their character offsets (linear time, vectorized).
+    """Align two tokenizations of the same text by their character offsets (no DP: two vectorized
+    binary searches over the sorted spans, O((n + m) log m), under a millisecond for 2048 tokens).
 
     Base token ``[s, e)`` gets the teacher tokens from the first one that ends after ``s`` to the last
     one that starts before ``e``. A ``DataError`` if the two do not spell the same text
