@@ -234,7 +234,7 @@ class _PatternBlock:
         return np.asarray(out)[:m, :self.n]
 
 
-def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 512, block: int = 4096,
+def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 512, block: int = 1024,
             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the candidate at the smallest Levenshtein distance, the lowest candidate index
     among ties: ``(distance int32 [n_queries], index int32 [n_queries])`` (-1 if there are no candidates).
@@ -242,10 +242,10 @@ def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 5
     Equal to ``min(range(len(candidates)), key=lambda j: editdistance.eval(q, candidates[j]))`` for
     every query (the brute force; Python's ``min`` keeps the first minimum), computed as:
     candidates sorted by length into blocks; queries grouped by length into chunks; per chunk the
-    blocks in order of their length lower bound ``|len(q) - len(c)| <= distance``, stopping once that
-    bound exceeds every query's best so far (ties still scanned, for the lowest index); each (chunk,
-    block) is one compiled bit-parallel kernel call (JAX), candidates over 32 characters go through the
-    NumPy path (:func:`pairwise`).
+    blocks in order of their length lower bound ``|len(q) - len(c)| <= distance``, each block only for
+    the queries whose best so far is not below that bound (ties still scanned, for the lowest index),
+    stopping when none is left; each (chunk, block) is one compiled bit-parallel kernel call (JAX),
+    candidates over 32 characters go through the NumPy path (:func:`pairwise`).
     """
     nq, nc = len(queries), len(candidates)
     best_d = np.full(nq, np.iinfo(np.int32).max, dtype=np.int64)
@@ -287,18 +287,19 @@ def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 5
         bi = np.full(len(members), -1, dtype=np.int64)
         lb = [max(0, lo - length, length - hi) for _, lo, hi, _ in blocks]
         for b in np.argsort(lb, kind="stable"):
-            if lb[b] > bd.max():
-                break
+            rows = np.flatnonzero(bd >= lb[b])  # only queries this block can still improve (or tie)
+            if rows.size == 0:
+                break  # blocks come in increasing lower bound: none of the rest can either
             idx, _, _, is_short = blocks[b]
             if is_short:
-                d = prepared[b].distances(q_codes, length)
+                d = prepared[b].distances(q_codes[rows], length)
             else:
-                d = pairwise(q_strs, [candidates[i] for i in idx])
+                d = pairwise([q_strs[r] for r in rows], [candidates[i] for i in idx])
             dmin = d.min(axis=1).astype(np.int64)
             imin = np.where(d == dmin[:, None], idx[None, :], nc).min(axis=1)
-            better = (dmin < bd) | ((dmin == bd) & (imin < bi))
-            bd = np.where(better, dmin, bd)
-            bi = np.where(better, imin, bi)
+            better = (dmin < bd[rows]) | ((dmin == bd[rows]) & (imin < bi[rows]))
+            bd[rows] = np.where(better, dmin, bd[rows])
+            bi[rows] = np.where(better, imin, bi[rows])
         best_d[members], best_i[members] = bd, bi
         if bar:
             bar.update(len(members))
