@@ -325,3 +325,60 @@ def sharded_forward(model: Any, mesh: Mesh, rules: Rules | None = None,
         return cache[key](state, input_ids, attention_mask)
 
     return forward
+
+
+# --------------------------------------------------------------------------------------------------
+# Processes: who loads which rows, and moving arrays between hosts and the mesh
+# --------------------------------------------------------------------------------------------------
+
+
+def process_batch_slice(global_batch_size: int, process_index: int | None = None,
+                        process_count: int | None = None) -> slice:
+    """The rows of the global batch that this process loads (contiguous, in process order).
+
+    ``process_index`` / ``process_count`` default to JAX's (pass them to compute another process's share,
+    e.g. in tests or a data service). Raises :class:`ConfigError` when the batch does not divide.
+    """
+    n = jax.process_count() if process_count is None else int(process_count)
+    p = jax.process_index() if process_index is None else int(process_index)
+    if n < 1 or not 0 <= p < n:
+        raise ConfigError(f"process_index={p} is not in [0, process_count={n})")
+    if global_batch_size % n:
+        raise ConfigError(f"batch_size: {global_batch_size} is not divisible by the {n} processes")
+    per = global_batch_size // n
+    return slice(p * per, (p + 1) * per)
+
+
+def put_replicated_batch(batch: Mapping[str, Any], mesh: Mesh, rules: Rules | None = None) -> dict:
+    """Host arrays that EVERY process holds in full -> global arrays on ``mesh``, the leading (batch)
+    axis sharded where it divides. The same call works with one process or many (evaluation batches,
+    which every process reads whole)."""
+    out = {}
+    for k, x in batch.items():
+        x = np.asarray(x)
+        spec = batch_spec(x.ndim, x.shape, mesh, rules)
+        out[k] = jax.make_array_from_callback(x.shape, NamedSharding(mesh, spec), lambda idx, x=x: x[idx])
+    return out
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A global array (replicated, fully addressable, or sharded across processes) -> numpy on every
+    process. Every process must call it for an array sharded across processes (it gathers)."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))
+    if x.is_fully_replicated:   # every process holds all of it
+        return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def host_tree(tree: Any) -> Any:
+    """:func:`to_host` over a pytree (e.g. params sharded on a mesh -> numpy, for writing checkpoints)."""
+    return jax.tree.map(to_host, tree)
+
+
+def place_params(params: Any, logical_axes: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+    """Put a params pytree (host or device arrays) on ``mesh`` by its logical axes. Use it before calling a
+    jitted function that also takes mesh-sharded inputs: arrays committed to one device (what
+    ``hf.load`` without shardings returns) cannot be mixed with arrays on all the mesh's devices."""
+    return jax.device_put(params, params_shardings(params, logical_axes, mesh, rules))

@@ -78,3 +78,40 @@ def test_errors(tok):
         split_by_domain(render_dataset(tok, EXAMPLES[:2], TEMPLATES[0], 32))
     with pytest.raises(DataError, match="column 'response'"):
         render_dataset(tok, [{"domain": "text", "prompt": "x"}], TEMPLATES[0], 32)
+
+
+def test_turn_aware_truncation_keeps_bos_system_turn_and_template(tmp_path):
+    """A long conversation loses its OLDEST turns first; BOS, the system turn, the last user turn's end and
+    the generation prompt stay. A long format-string prompt loses the start of the user's text, never BOS or
+    the template's words."""
+    from fusion_jax.data.tokenizer import load_tokenizer, train_tokenizer
+    texts = ["the system says hello to the user and the assistant answers"] * 20
+    train_tokenizer(texts, tmp_path / "tok", vocab_size=300)
+    tok = load_tokenizer(tmp_path / "tok")
+    long = " ".join(f"word{i}" for i in range(60))
+    messages = [{"role": "system", "content": "SYSTEM RULES"},
+                {"role": "user", "content": "old question " + long}, {"role": "assistant", "content": "old answer " + long},
+                {"role": "user", "content": "middle question"}, {"role": "assistant", "content": "middle answer"},
+                {"role": "user", "content": "final question ends here"}]
+    ex = {"domain": "text", "prompt": "final question ends here", "response": "ok", "messages": messages}
+    chat = PromptTemplate("chat", chat=True)
+    S = 120
+    r = render_example(tok, ex, chat, S, max_prompt_len=60)
+    prompt_ids = r["input_ids"][: int(r["response_start"])]
+    text = tok.decode(prompt_ids)
+    assert prompt_ids[0] == tok.bos_token_id
+    assert "SYSTEM RULES" in text and "final question ends here" in text and text.endswith("assistant\n")
+    assert "old question" not in text and "middle question" in text  # whole old turns went first
+    # a last user turn longer than the budget itself: its START is cut, the system turn stays
+    ex2 = dict(ex, prompt=long + " tail", messages=[messages[0], {"role": "user", "content": long + " tail"}])
+    r2 = render_example(tok, ex2, chat, 64, max_prompt_len=40)
+    t2 = tok.decode(r2["input_ids"][: int(r2["response_start"])])
+    assert r2["input_ids"][0] == tok.bos_token_id and "SYSTEM RULES" in t2 and "word59 tail" in t2
+    assert "word0 " not in t2 and int(r2["response_start"]) <= 62
+    # a format-string template keeps BOS and its own words; the user's text loses its start
+    fmt = PromptTemplate("m", "### Instruction:\n{prompt}\n\n### Response:\n")
+    r3 = render_example(tok, {"domain": "text", "prompt": long, "response": "ok"}, fmt, 48, max_prompt_len=30)
+    p3 = r3["input_ids"][: int(r3["response_start"])]
+    t3 = tok.decode(p3)
+    assert p3[0] == tok.bos_token_id and t3.startswith("<s>### Instruction:\n") and t3.endswith("### Response:\n")
+    assert "word59" in t3 and "word0 " not in t3 and len(p3) <= 46

@@ -16,7 +16,7 @@ changes a domain's stream. Batch ``t`` is therefore a pure function of ``(seed, 
 iterator's whole state is ``{"step": t}``.
 
 Each process computes (and gathers) only the rows of its share, ``process_batch_slice(B)`` of
-:mod:`fusion_jax.train.distributed`.
+:mod:`fusion_jax.sharding`.
 """
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ class DomainBalancedSampler:
             raise ConfigError(
                 f"per_domain: {self.per_domain} examples x {len(self.domains)} domains = "
                 f"{self.global_batch_size} rows per global batch, not divisible by the {process_count} processes")
-        from fusion_jax.train.distributed import process_batch_slice
+        from fusion_jax.sharding import process_batch_slice
         self.rows = process_batch_slice(self.global_batch_size, process_index, process_count)
         self.local_batch_size = self.rows.stop - self.rows.start
         self._step = 0

@@ -20,10 +20,13 @@ predict ``input_ids[k, t + 1]``, the same token for every k. ``positions [K, S]`
 so each specialist sees its prompt at positions 0, 1, ... exactly as without padding. With K = 1 there
 is no left padding and this is ordinary right-padded SFT rendering (:func:`render_example`).
 
-Truncation when ``max_k len(prompt_k) + len(response) > seq_len``: ``"truncate"`` (default) keeps the
-last ``max(seq_len - len(response), max_prompt_len)`` prompt tokens of each template (the end of a
-template, such as ``### Response:``, matters most) and cuts the response on the right (its eos is then
-lost); ``"drop"`` skips the example (:func:`render_dataset` reports how many).
+Truncation when ``max_k len(prompt_k) + len(response) > seq_len``: ``"truncate"`` (default) fits each
+template's prompt into ``max(seq_len - len(response), max_prompt_len)`` tokens by cutting TEXT, never the
+template around it (:func:`fit_prompt`): a conversation loses its oldest turns first (a leading system
+turn, BOS and the generation prompt always stay), then the start of the last user turn; a format-string
+prompt loses the start of the user's text, while BOS and the template's fixed words (the end of a
+template, such as ``### Response:``, matters most) stay. Then the response is cut on the right (its eos is
+then lost). ``"drop"`` skips the example (:func:`render_dataset` reports how many).
 """
 from __future__ import annotations
 
@@ -65,6 +68,15 @@ class PromptTemplate:
 
 
 CHAT = PromptTemplate("chat", chat=True)
+CHAT_FORMAT = "chat"   # a prompt format given as this word means the tokenizer's chat template
+
+
+def template_from_format(name: str, fmt: str, *, bos: bool = True) -> PromptTemplate:
+    """The template a config's prompt format names: ``"chat"`` (the tokenizer's chat template) or a
+    format string with ``{prompt}``. ``bos``: prepend the tokenizer's BOS to format-string prompts (False
+    for tokenizers that have none, e.g. Qwen2's; a chat template writes its own)."""
+    fmt = str(fmt)
+    return PromptTemplate(name, chat=True) if fmt == CHAT_FORMAT else PromptTemplate(name, prompt=fmt, bos=bos)
 
 # One template per demo specialist, in the spirit of the paper's three (UltraLM, CodeLlama-Instruct,
 # WizardMath; the math one is WizardMath's without its long preamble, to keep the demo's sequences short).
@@ -103,6 +115,53 @@ def encode_prompts(tokenizer, template: PromptTemplate, prompts: Sequence[str],
             raise DataError(f"template {template.name!r} wants bos, but the tokenizer has no bos_token")
         return [[tokenizer.bos_token_id] + list(x) for x in enc]
     return [list(x) for x in enc]
+
+
+def fit_prompt(tokenizer, template: PromptTemplate, prompt: str, context: list | None, budget: int) -> list[int]:
+    """The prompt's ids in ``template``, cut to at most ``budget`` tokens by removing text, not template.
+
+    Chat: drop the oldest turns after any leading system turns (a whole user/assistant exchange at a time)
+    while the last user turn remains; then cut the start of the last user turn's content. Format string:
+    cut the start of ``prompt``. If even an empty user text does not fit (a template longer than the
+    budget), the rendered ids are cut from the left after BOS as a last resort.
+    """
+    def enc(p, ctx):
+        return encode_prompts(tokenizer, template, [p], [ctx])[0]
+
+    ids = enc(prompt, context)
+    if len(ids) <= budget:
+        return ids
+    ctx = list(context) if template.chat and context else None
+    if ctx:
+        system = 0
+        while system < len(ctx) and ctx[system].get("role") == "system":
+            system += 1
+        last_user = max(j for j, t in enumerate(ctx) if t.get("role") == "user")
+        while len(ids) > budget and last_user > system:
+            # drop the oldest turn after the system turns, and any assistant turns that then lead
+            del ctx[system]
+            while system < len(ctx) - 1 and ctx[system].get("role") != "user":
+                del ctx[system]
+            last_user = max(j for j, t in enumerate(ctx) if t.get("role") == "user")
+            ids = enc(prompt, ctx)
+        if len(ids) <= budget:
+            return ids
+        prompt = ctx[last_user]["content"]
+    # cut the start of the user's text, re-rendering until it fits (token counts at the cut can shift by one)
+    words = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    keep = max(0, len(words) - (len(ids) - budget))
+    while True:
+        text = tokenizer.decode(words[len(words) - keep:]) if keep else ""
+        if ctx:
+            ctx[last_user] = dict(ctx[last_user], content=text)
+        ids = enc(text, ctx)
+        if len(ids) <= budget or keep == 0:
+            break
+        keep = max(0, keep - max(1, len(ids) - budget))
+    if len(ids) > budget:   # the template alone is longer than the budget
+        head = ids[:1] if template.bos or (ids and ids[0] == tokenizer.bos_token_id) else []
+        ids = head + ids[len(ids) - (budget - len(head)):]
+    return ids
 
 
 def encode_responses(tokenizer, template: PromptTemplate, responses: Sequence[str]) -> list[list[int]]:
@@ -160,7 +219,20 @@ def render_multi(tokenizer, example: dict, templates: Sequence[PromptTemplate], 
     prompts = [encode_prompts(tokenizer, t, [example["prompt"]], [example.get("messages")])[0]
                for t in templates]
     resp = encode_responses(tokenizer, templates[0], [example["response"]])[0]
+    if truncation == "truncate":
+        prompts = _fit(tokenizer, templates, example, prompts, resp, seq_len, max_prompt_len)
     return layout_multi(prompts, resp, seq_len, _pad_id(tokenizer), truncation, max_prompt_len)
+
+
+def _fit(tokenizer, templates, example, prompts, resp, seq_len, max_prompt_len):
+    """Each prompt that would be cut, re-rendered by :func:`fit_prompt` into the space ``layout_multi``
+    gives it (the same budget rule), so that its own left cut never removes BOS or a system turn."""
+    mpl = seq_len // 2 if max_prompt_len is None else max_prompt_len
+    if max(len(p) for p in prompts) + len(resp) <= seq_len:
+        return prompts
+    budget = min(max(len(p) for p in prompts), max(seq_len - len(resp), mpl))
+    return [p if len(p) <= budget else fit_prompt(tokenizer, t, example["prompt"], example.get("messages"), budget)
+            for t, p in zip(templates, prompts)]
 
 
 def render_example(tokenizer, example: dict, template: PromptTemplate, seq_len: int,
@@ -229,7 +301,10 @@ def render_dataset(tokenizer, examples: Sequence[dict], templates: PromptTemplat
     pad = _pad_id(tokenizer)
     rows, keep = [], []
     for j in range(len(examples)):
-        r = layout_multi([p[j] for p in prompts], resps[j], seq_len, pad, truncation, max_prompt_len)
+        pj = [p[j] for p in prompts]
+        if truncation == "truncate":
+            pj = _fit(tokenizer, tmpls, examples[j], pj, resps[j], seq_len, max_prompt_len)
+        r = layout_multi(pj, resps[j], seq_len, pad, truncation, max_prompt_len)
         if r is not None:
             rows.append(r)
             keep.append(j)

@@ -1,4 +1,10 @@
-"""A small byte-level BPE tokenizer for the demo zoo, trained with Hugging Face ``tokenizers``.
+"""Small tokenizers for the demo zoo, trained with Hugging Face ``tokenizers``, in two families:
+
+``kind="bpe"``      byte-level BPE (GPT-2 / Llama-3 / Qwen style: spaces are "Ġ", every byte is a symbol);
+``kind="unigram"``  SentencePiece-style unigram (Llama-2 / Gemma style: words start with "▁", characters
+                    the vocabulary lacks fall back to byte pieces ``<0x0A>`` ...).
+
+Two families with different vocabularies are what cross-tokenizer distillation (FuseLLM) must align.
 
 :func:`train_tokenizer` saves a transformers ``PreTrainedTokenizerFast`` directory (``tokenizer.json``,
 ``tokenizer_config.json`` naming that class, the chat template) that
@@ -13,8 +19,10 @@ tokenizer) back. The directory is written atomically. Special tokens, in this id
 The chat template is ChatML-like: ``<s><|im_start|>user\\n...<|im_end|>\\n<|im_start|>assistant\\n``;
 an assistant turn ends with ``<|im_end|>`` (= eos, so generation stops there).
 
-Byte-level without normalization means every string round-trips:
-``decode(encode(s), skip_special_tokens=True) == s`` (unless ``s`` spells a special token itself).
+Byte-level BPE without normalization round-trips every string:
+``decode(encode(s), skip_special_tokens=True) == s`` (unless ``s`` spells a special token itself); the
+unigram family round-trips too (byte fallback), except that it drops one space at the start of a text,
+as SentencePiece does.
 Training is deterministic: the same texts give the same ``tokenizer.json``, byte for byte.
 
 Command line: ``python -m fusion_jax.data.tokenizer --corpus DIR --out DIR [--vocab-size 4096]``.
@@ -34,6 +42,8 @@ from fusion_jax.utils.atomic import atomic_directory
 
 PAD, BOS, EOS, IM_START = "<pad>", "<s>", "<|im_end|>", "<|im_start|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, IM_START]
+UNK = "<unk>"                      # the unigram family's unknown piece (after the specials)
+KINDS = ("bpe", "unigram")
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -60,37 +70,35 @@ def corpus_texts(corpus_dir: str | os.PathLike, splits=("train",)) -> Iterable[s
 
 
 def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size: int = 4096,
-                    min_frequency: int = 2, extra_texts: Iterable[str] = (), model_max_length: int = 2048):
-    """Train byte-level BPE on ``texts`` (+ ``extra_texts``) and save a transformers tokenizer directory
-    at ``out_dir`` (replaced atomically if it exists); returns the ``PreTrainedTokenizerFast``.
+                    min_frequency: int = 2, extra_texts: Iterable[str] = (), model_max_length: int = 2048,
+                    kind: str = "bpe"):
+    """Train a ``kind`` tokenizer (see the module docstring) on ``texts`` (+ ``extra_texts``) and save a
+    transformers tokenizer directory at ``out_dir`` (replaced atomically if it exists); returns the
+    ``PreTrainedTokenizerFast``.
 
-    ``vocab_size`` includes the 256 byte symbols and the 4 special tokens; pairs seen fewer than
-    ``min_frequency`` times are not merged.
+    ``vocab_size`` includes the special tokens and the 256 byte symbols (BPE) or byte-fallback pieces
+    (unigram). BPE pairs seen fewer than ``min_frequency`` times are not merged.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise DataError(f"vocab_size={vocab_size}: a byte-level tokenizer needs at least "
+    if kind not in KINDS:
+        raise DataError(f"tokenizer kind {kind!r} is unknown (known: {', '.join(KINDS)})")
+    if vocab_size < 256 + len(SPECIAL_TOKENS) + 1:
+        raise DataError(f"vocab_size={vocab_size}: a tokenizer with byte symbols needs more than "
                         f"{256 + len(SPECIAL_TOKENS)} entries")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
     texts = list(texts) + list(extra_texts)
     if not texts:
         raise DataError("train_tokenizer: no texts to train on")
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    tok: Tokenizer = (_train_bpe if kind == "bpe" else _train_unigram)(texts, vocab_size, min_frequency)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    extra = {"unk_token": UNK} if kind == "unigram" else {}
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
         additional_special_tokens=[IM_START], model_max_length=model_max_length,
-        clean_up_tokenization_spaces=False, padding_side="right")
+        clean_up_tokenization_spaces=False, padding_side="right", **extra)
     fast.chat_template = CHAT_TEMPLATE
     with atomic_directory(out_dir, overwrite=True) as tmp:
         fast.save_pretrained(str(tmp))
@@ -100,6 +108,60 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
         cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
     return fast
+
+
+def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    return tok
+
+
+def _train_unigram(texts: list[str], vocab_size: int, min_frequency: int):
+    """SentencePiece-style: text is split at spaces, each space becoming a "▁" that starts the next piece
+    (one is prepended to the first word too), a unigram model over the pieces, and the 256 ``<0xNN>``
+    byte pieces at the end of the vocabulary for byte fallback (the Llama-2 decoder chain turns them back
+    into bytes)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    del min_frequency  # unigram pruning is by likelihood, not pair counts
+    specials = SPECIAL_TOKENS + [UNK]
+    probe = Tokenizer(models.Unigram())
+    probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size - 256, special_tokens=specials, unk_token=UNK,
+                                      shrinking_factor=0.75, max_piece_length=16, n_sub_iterations=2,
+                                      show_progress=False)
+    try:
+        probe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    except Exception as e:  # noqa: BLE001 - the trainer raises a bare Exception
+        chars = len(set("".join(texts)))
+        raise DataError(f"vocab_size={vocab_size}: a unigram tokenizer needs room for its {len(specials)} "
+                        f"special tokens, the 256 byte pieces and every character of the corpus ({chars}): "
+                        f"{e}") from None
+    vocab = [tuple(x) for x in probe.get_vocab_with_scores()] if hasattr(probe, "get_vocab_with_scores") \
+        else _unigram_vocab(probe)
+    have = {p for p, _ in vocab}
+    floor = min(score for p, score in vocab if p not in specials) - 10.0
+    vocab += [(f"<0x{b:02X}>", floor) for b in range(256) if f"<0x{b:02X}>" not in have]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=vocab.index(next(v for v in vocab if v[0] == UNK)),
+                                   byte_fallback=True))
+    tok.pre_tokenizer = probe.pre_tokenizer
+    tok.add_special_tokens(specials)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return tok
+
+
+def _unigram_vocab(tok) -> list[tuple[str, float]]:
+    """(piece, log-prob) pairs of a trained unigram model, read from its JSON (older ``tokenizers``)."""
+    return [tuple(x) for x in json.loads(tok.to_str())["model"]["vocab"]]
 
 
 def train_tokenizer_from_corpus(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike,

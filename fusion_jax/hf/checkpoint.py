@@ -177,7 +177,7 @@ def _resolve_dtype(reader, config: ModelConfig, param_dtype) -> np.dtype:
     return np.dtype(reader.dtype(first))
 
 
-def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=None,
+def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=None, mesh=None,
          allow_extra: bool = False, **config_overrides) -> tuple[ModelConfig, dict]:
     """Read an HF checkpoint directory into ``(ModelConfig, params)``.
 
@@ -187,6 +187,8 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
     of Shardings shaped like params; each device receives only its own slice, and this process reads only
     the HF rows (and layers) its devices' slices need, each once. (A slice along HF's column axis, our
     kernels' input dim, still costs whole rows: rows are the unit of a contiguous read.)
+    ``mesh``: instead of ``shardings``, place every param on this mesh by its logical axes (the shardings
+    the rest of a run uses on it: params on one device cannot be mixed with mesh-sharded batches).
     ``config_overrides``: ModelConfig fields (e.g. ``scan_layers=False, remat="full"``).
     Raises MissingTensorError / ShapeMismatchError / UnknownArchitectureError / CorruptFileError /
     CheckpointError naming the file and tensor at fault.
@@ -202,6 +204,9 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
         pname = canonical_dtype(pdt)
         config = config.replace(param_dtype=pname, dtype=canonical_dtype(dtype) if dtype else pname,
                                 **config_overrides)
+        if mesh is not None and shardings is None:
+            from fusion_jax.models import param_shardings
+            shardings = param_shardings(config, mesh)
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
         def one(row: mapping.Row) -> jax.Array:

@@ -279,3 +279,22 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, q_idx, k_idx, window, sta
     act = _ACTS[c.hidden_act]
     y = _dense(act(_dense(h, m_["gate_proj"])) * _dense(h, m_["up_proj"]), m_["down_proj"])
     return x + y, new_kv
+
+
+# -- abstract model ----------------------------------------------------------------------------------
+def abstract_model(config: ModelConfig) -> CausalLM:
+    """A CausalLM of ``config`` whose params are ShapeDtypeStructs (no weights are made)."""
+    return nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+
+
+def param_logical_axes(config: ModelConfig) -> dict:
+    """Pure-dict tree (the structure ``hf.load`` returns) of each param's logical axis names."""
+    from fusion_jax.sharding import state_logical_axes
+    return state_logical_axes(nnx.state(abstract_model(config), nnx.Param))
+
+
+def param_shardings(config: ModelConfig, mesh, rules=None) -> dict:
+    """Pure-dict tree of each param's NamedSharding on ``mesh`` (dims that do not divide replicate)."""
+    from fusion_jax.sharding import logical_to_mesh_sharding
+    shapes = nnx.to_pure_dict(nnx.state(abstract_model(config), nnx.Param))
+    return logical_to_mesh_sharding(param_logical_axes(config), mesh, rules, shapes=shapes)

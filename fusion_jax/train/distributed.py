@@ -6,8 +6,8 @@ Configuration (first found wins): explicit arguments / a config with ``coordinat
 process). ``coordinator_address="auto"`` (or ``auto=True``) leaves everything to JAX's own cluster
 detection (``jax.distributed.initialize()`` with no arguments: Cloud TPU pods, SLURM, Open MPI, ...).
 
-Data: each process loads only its share. Process ``p`` of ``n`` yields a local batch of ``B / n`` rows;
-:func:`global_batch` assembles the global ``[B, ...]`` array with
+Data: each process loads only its share (``sharding.process_batch_slice``): process ``p`` of ``n`` yields a
+local batch of ``B / n`` rows; :func:`global_batch` assembles the global ``[B, ...]`` array with
 ``jax.make_array_from_process_local_data`` (rows of process p are rows ``p*B/n .. (p+1)*B/n`` on a mesh
 built by ``sharding.make_mesh``).
 """
@@ -18,7 +18,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
 
 from fusion_jax.errors import ConfigError
 
@@ -83,24 +82,3 @@ def global_batch(local_batch: Any, shardings: Any) -> Any:
     n = jax.process_count()
     return jax.tree.map(lambda x, s: jax.make_array_from_process_local_data(
         s, np.asarray(x), (np.shape(x)[0] * n,) + np.shape(x)[1:]), local_batch, shardings)
-
-
-def process_batch_slice(global_batch_size: int, process_index: int | None = None,
-                        process_count: int | None = None) -> slice:
-    """The rows of the global batch that this process loads (contiguous, in process order).
-
-    ``process_index`` / ``process_count`` default to JAX's (pass them to compute another process's share,
-    e.g. in tests or a data service). Raises :class:`ConfigError` when the batch does not divide.
-    """
-    n = jax.process_count() if process_count is None else int(process_count)
-    p = jax.process_index() if process_index is None else int(process_index)
-    if n < 1 or not 0 <= p < n:
-        raise ConfigError(f"process_index={p} is not in [0, process_count={n})")
-    if global_batch_size % n:
-        raise ConfigError(f"batch_size: {global_batch_size} is not divisible by the {n} processes")
-    per = global_batch_size // n
-    return slice(p * per, (p + 1) * per)
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -17,7 +17,7 @@ Construction and run::
 Data protocol (what ``run(data)`` accepts)
     Any iterable of batches; ``iter(data)`` is called once. Each batch is a dict (pytree) of numpy arrays
     holding **this process's share** of the global batch (``B / process_count`` rows; see
-    ``distributed.process_batch_slice``). For exact resume the iterator should offer
+    ``sharding.process_batch_slice``). For exact resume the iterator should offer
     ``get_state() -> dict | bytes | str`` (JSON-serializable) and ``set_state(state)``: grain's
     ``DatasetIterator`` and ``DataLoaderIterator`` do, and so does
     ``fusion_jax.data.sampler.DomainBalancedSampler`` (state ``{"step": t}``). Without them the trainer
@@ -69,6 +69,7 @@ class TrainerConfig:
     save_frozen: bool = True           # False: frozen params are not checkpointed (re-supplied on resume)
     resume: bool = True                # resume from the latest checkpoint in workdir when there is one
     log_every: int = 10
+    eval_every: int = 0                # run ``eval_fn`` every N steps (and at step 0 and the end); 0: never
     progress: bool = True
     tensorboard: bool = True
     seed: int = 0
@@ -100,6 +101,8 @@ class TrainerConfig:
             raise ConfigError(f"trainer.grad_accum_steps: must be >= 1, got {self.grad_accum_steps}")
         if self.save_every < 0:
             raise ConfigError(f"trainer.save_every: must be >= 0, got {self.save_every}")
+        if self.eval_every < 0:
+            raise ConfigError(f"trainer.eval_every: must be >= 0, got {self.eval_every}")
 
 
 @dataclasses.dataclass
@@ -122,14 +125,18 @@ class Trainer:
                  param_logical_axes: Any = None, rules: shd.Rules | None = None,
                  batch_logical_axes: Mapping[str, tuple] | None = None,
                  callbacks: Iterable[Callable[[int, dict, "Trainer"], None]] = (),
-                 meta: Mapping[str, Any] | None = None):
+                 meta: Mapping[str, Any] | None = None,
+                 eval_fn: Callable[[Any], Mapping[str, float]] | None = None):
         """
         params: full params pytree (nested dicts / nnx pure dict); arrays or numpy.
         trainable: None (optimizer.trainable or all), regex(es) over "a/b/c" paths, predicate, or bool mask tree.
         mesh: device mesh (default: all devices on fsdp). param_logical_axes: pytree of logical-axis tuples
           matching ``params`` (e.g. ``sharding.state_logical_axes(model)``); None replicates params.
         batch_logical_axes: per batch key, logical names of its dims (default ("batch",) + None...).
-        callbacks: ``cb(step, host_metrics, trainer)`` after every step (eval hooks, plots).
+        callbacks: ``cb(step, host_metrics, trainer)`` after every step (plots, custom hooks).
+        eval_fn: ``eval_fn(params) -> {name: float}`` (held-out losses: the curve that shows whether training
+          helps, free of the batch-to-batch noise of the train loss), run every ``config.eval_every`` steps, at
+          step 0 and at the end; logged as ``eval/<name>`` rows of the metrics (every process calls it).
         """
         self.config = config
         config.validate()
@@ -139,6 +146,7 @@ class Trainer:
         self.rules = rules
         self.batch_logical_axes = dict(batch_logical_axes or {})
         self.callbacks = list(callbacks)
+        self.eval_fn = eval_fn
         self.meta = dict(meta or {})
         spec = trainable if trainable is not None else self.opt_config.trainable
         self.split = ParamSplit(params, spec)
@@ -284,7 +292,17 @@ class Trainer:
             ds = _snapshot(it) if stateful else {"_skip_batches": consumed}
             return b, ds
 
+        def evaluate(at: int) -> None:
+            if self.eval_fn is None or not cfg.eval_every:
+                return
+            vals = {f"eval/{k}": float(v) for k, v in self.eval_fn(self.params).items()}
+            logger.log(at, vals)
+            if history and history[-1]["step"] == at:
+                history[-1].update(vals)
+
         step = start
+        if start == 0:
+            evaluate(0)
         batch, dstate = (fetch(start + 1) if step < total else (None, None))
         try:
             while step < total and batch is not None:
@@ -317,6 +335,8 @@ class Trainer:
                     row["step_time_s"] = (now - t_last) / len(window)
                     logger.log(step, row)
                     window, t_last = [], now
+                if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
+                    evaluate(step)
                 for cb in self.callbacks:
                     cb(step, host, self)
                 if self.checkpointer is not None and (

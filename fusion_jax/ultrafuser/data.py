@@ -1,5 +1,4 @@
-"""UltraFuser data: every example rendered in EVERY specialist's template, the mixed-domain set,
-class-balanced training batches and fixed-shape evaluation batches.
+"""UltraFuser data: every example rendered in EVERY specialist's template, and the mixed-domain set.
 
 Rendering and masks come from :mod:`fusion_jax.data.templates` (one implementation for the whole
 package): ``render_dataset`` with K templates gives ``input_ids``/``attention_mask`` ``[N, K, S]`` with
@@ -9,11 +8,11 @@ wants; the fused loss moves the expert axis to the front itself.
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
-from fusion_jax.data.templates import PromptTemplate, render_dataset
+from fusion_jax.data.templates import CHAT_FORMAT, PromptTemplate, render_dataset, template_from_format
 from fusion_jax.errors import DataError
 
 # arrays a fused batch carries (rendering also yields positions, example_index, ...: not needed,
@@ -21,15 +20,13 @@ from fusion_jax.errors import DataError
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask")
 
 
-CHAT_TEMPLATE = "chat"  # a template given as this word renders prompts with the tokenizer's chat template
+CHAT_TEMPLATE = CHAT_FORMAT  # a template given as this word renders prompts with the tokenizer's chat template
 
 
 def templates_from_config(names: Sequence[str], formats: Mapping[str, str], *, bos: bool = True
                           ) -> list[PromptTemplate]:
-    """``bos``: prepend the tokenizer's BOS to format-string prompts (pass False for tokenizers that have
-    none, e.g. Qwen2's; a chat template writes its own)."""
-    return [PromptTemplate(n, chat=True) if str(formats[n]) == CHAT_TEMPLATE
-            else PromptTemplate(n, prompt=str(formats[n]), bos=bos) for n in names]
+    """Each specialist's template (:func:`fusion_jax.data.templates.template_from_format`)."""
+    return [template_from_format(n, formats[n], bos=bos) for n in names]
 
 
 def render_sets(tokenizer, examples: Mapping[str, Sequence[dict]], templates: Sequence[PromptTemplate],
@@ -73,17 +70,3 @@ def mixed_examples(per_domain: Mapping[str, Sequence[dict]], tokenizer, n: int, 
             parts.append(tokenizer.decode(ids))
         out.append({"domain": "mixed", "prompt": "\n".join(prompts), "response": "\n\n".join(parts)})
     return out
-
-
-def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-    """Consecutive batches of ``batch_size`` rows; the last one is filled with all-padding rows
-    (``loss_mask`` 0: they add nothing), so every batch has one shape and compiles once."""
-    n = len(arrays["loss_mask"])
-    for i in range(0, n, batch_size):
-        b = {k: v[i:i + batch_size] for k, v in arrays.items()}
-        short = batch_size - len(b["loss_mask"])
-        if short:
-            b = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-            # a fully masked row would give NaN attention in some kernels: let it attend to itself
-            b["attention_mask"][-short:] = 1
-        yield b

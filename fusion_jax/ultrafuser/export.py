@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 
 from fusion_jax.errors import CheckpointError, ConfigError
@@ -55,19 +54,14 @@ def load_specialists(paths: Sequence[str | Path], names: Sequence[str], *, mesh=
     and the stack is formed on the mesh, so no single device ever holds a whole specialist.
     ``load_kw``: ``dtype`` / ``param_dtype`` / ModelConfig overrides, as for ``hf.load``.
     """
-    from fusion_jax import hf, sharding
-    from fusion_jax.models import CausalLM
+    from fusion_jax import hf
+    from fusion_jax.models import abstract_model, param_shardings
     cfgs = check_specialist_dirs(paths, names)
-    abstract = nnx.eval_shape(lambda: CausalLM(cfgs[0], rngs=nnx.Rngs(0)))
-    one_sh = None
-    if mesh is not None:
-        state = nnx.state(abstract, nnx.Param)
-        one_sh = sharding.logical_to_mesh_sharding(sharding.state_logical_axes(state), mesh,
-                                                   shapes=nnx.to_pure_dict(state))
+    one_sh = param_shardings(cfgs[0], mesh) if mesh is not None else None
     loaded = [hf.load(Path(p).expanduser(), shardings=one_sh, **load_kw) for p in paths]
     cfg = loaded[0][0]
     check_compatible([c for c, _ in loaded], list(names))
-    graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param)[0]
+    graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]
     gcfg = GateConfig(input_size=cfg.hidden_size, hidden_size=int(gate_hidden), num_experts=len(names),
                       specialist_names=tuple(names))
     if gate is None:
@@ -84,18 +78,14 @@ def load_specialists(paths: Sequence[str | Path], names: Sequence[str], *, mesh=
     return fm
 
 
-def _host(x) -> np.ndarray:
-    from fusion_jax.ultrafuser.evaluate import to_host
-    return to_host(x)
-
-
 def save_fused(fm: FusedModel, out_dir, *, templates: dict | None = None, tokenizer_dir=None,
                extra: dict | None = None, overwrite: bool = True) -> Path:
     """Write ``fm`` as HF specialists + gate files (atomically). Multi-process: every process must
     call it (params are gathered); only process 0 writes."""
     from fusion_jax import hf
-    specs = [jax.tree.map(_host, fm.specialist_params(k)) for k in range(fm.num_experts)]
-    gate = jax.tree.map(_host, fm.gate)
+    from fusion_jax.sharding import host_tree
+    specs = [host_tree(fm.specialist_params(k)) for k in range(fm.num_experts)]
+    gate = host_tree(fm.gate)
     if jax.process_index() != 0:
         return Path(out_dir)
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:

@@ -126,10 +126,8 @@ class FusedModel:
     # -- sharding -------------------------------------------------------------------------------------
     def logical_axes(self):
         """Pure-dict tree of logical axes for the stacked params: ("expert",) + each param's axes."""
-        from fusion_jax import sharding
-        from fusion_jax.models import CausalLM
-        one = nnx.eval_shape(lambda: CausalLM(self.config, rngs=nnx.Rngs(0)))  # no weights needed
-        axes = sharding.state_logical_axes(nnx.state(one, nnx.Param))
+        from fusion_jax.models import param_logical_axes
+        axes = param_logical_axes(self.config)
         return jax.tree.map(lambda ax: ("expert",) + tuple(ax), axes, is_leaf=lambda x: isinstance(x, tuple))
 
     def shardings(self, mesh: Mesh, rules=None):
