@@ -131,7 +131,8 @@ class PairCounts:
         if len(base_ids) != alignment.n_base or len(teacher_ids) != alignment.n_teacher:
             raise DataError(f"PairCounts.add: {len(base_ids)} base / {len(teacher_ids)} teacher ids for an "
                             f"alignment of {alignment.n_base} x {alignment.n_teacher} positions")
-        for ids, v, what in ((base_ids, self.base_vocab_size, "base"), (teacher_ids, self.teacher_vocab_size, "teacher")):
+        for ids, v, what in ((base_ids, self.base_vocab_size, "base"),
+                             (teacher_ids, self.teacher_vocab_size, "teacher")):
             if ids.size and (ids.min() < 0 or ids.max() >= v):
                 raise DataError(f"PairCounts.add: a {what} id is outside the vocabulary of {v}")
         offsets, positions = alignment.csr()
