@@ -106,6 +106,10 @@ def _check_real(base_tok, teacher_tok, text):
         ref = reference.align_tokens(b.pieces, t.pieces, base_marker=b.marker, teacher_marker=t.marker,
                                      tie_break=tb, cost=cost)
         assert got.lists() == ref, tb
+    off = align_by_offsets(b, t)  # both spell the text (NFC, prefix spaces), so no DataError
+    for j, ts in enumerate(off.lists()):  # exactly the overlapping teacher tokens (brute force)
+        s, e = b.offsets[j]
+        assert ts == [i for i, (x, y) in enumerate(t.offsets.tolist()) if x < e and y > s], j
     return b, t
 
 
