@@ -23,16 +23,17 @@ def _random_pieces(rng, n, alphabet):
     return ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4))) for _ in range(n)]
 
 
-@pytest.mark.parametrize("tie_break", ["fusellm", "fusechat2"])
-def test_dp_equals_official_port_on_random_sequences(tie_break):
+@pytest.mark.parametrize("tie_break,cost", [("fusellm", "stripped"), ("fusechat2", "stripped"),
+                                            ("fusechat2", "fusechat2")])
+def test_dp_equals_official_port_on_random_sequences(tie_break, cost):
     # Tiny alphabets and markers inside pieces: many equal costs, so many backtrack ties.
     for seed in range(150):
         rng = random.Random(seed)
         alphabet = rng.choice(["ab", "abc", "a" + G + S, "xyzw", "a"])
         base = _random_pieces(rng, rng.randint(1, 25), alphabet)
         teacher = _random_pieces(rng, rng.randint(1, 25), alphabet)
-        got = align_tokens(base, teacher, base_marker=S, teacher_marker=G, tie_break=tie_break)
-        ref = reference.align_tokens(base, teacher, base_marker=S, teacher_marker=G, tie_break=tie_break)
+        got = align_tokens(base, teacher, base_marker=S, teacher_marker=G, tie_break=tie_break, cost=cost)
+        ref = reference.align_tokens(base, teacher, base_marker=S, teacher_marker=G, tie_break=tie_break, cost=cost)
         assert got.lists() == ref, (seed, base, teacher)
 
 
@@ -98,19 +99,23 @@ def test_edit_distances_match_editdistance():
     assert edit_distance.pairwise(["kitten"], ["sitting"]).tolist() == [[3]]
 
 
-def _check_real(base_tok, teacher_tok, text, tie_breaks=("fusellm", "fusechat2"), n=None):
+def _check_real(base_tok, teacher_tok, text):
     b, t = tokenize(base_tok, text), tokenize(teacher_tok, text)
-    bp, tp = b.pieces[:n], t.pieces[:n]
-    for tb in tie_breaks:
-        got = align_tokens(bp, tp, base_marker=b.marker, teacher_marker=t.marker, tie_break=tb)
-        ref = reference.align_tokens(bp, tp, base_marker=b.marker, teacher_marker=t.marker, tie_break=tb)
+    for tb, cost in (("fusellm", "stripped"), ("fusechat2", "fusechat2")):
+        got = align_tokens(b.pieces, t.pieces, base_marker=b.marker, teacher_marker=t.marker, tie_break=tb, cost=cost)
+        ref = reference.align_tokens(b.pieces, t.pieces, base_marker=b.marker, teacher_marker=t.marker,
+                                     tie_break=tb, cost=cost)
         assert got.lists() == ref, tb
+    off = align_by_offsets(b, t)  # both spell the text (NFC, prefix spaces), so no DataError
+    for j, ts in enumerate(off.lists()):  # exactly the overlapping teacher tokens (brute force)
+        s, e = b.offsets[j]
+        assert ts == [i for i, (x, y) in enumerate(t.offsets.tolist()) if x < e and y > s], j
     return b, t
 
 
 def test_dp_equals_official_port_on_real_text_trained_tokenizers(bpe_tok, unigram_tok):
     assert detect_marker(bpe_tok) == G and detect_marker(unigram_tok) == S
-    text = prose(1500, 120000) + "\nnaïve café, 日本語 — €5\ttab"
+    text = prose(1000, 120000) + "\nnaïve café, 日本語 — €5\ttab"
     _check_real(unigram_tok, bpe_tok, text)
     _check_real(bpe_tok, unigram_tok, text)
 

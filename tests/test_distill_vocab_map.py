@@ -193,7 +193,8 @@ def test_fusechat2_targets_equal_official_loop(bpe_tok, unigram_tok):
     # The official loop consults blending_to_base only for pieces the pivot lacks: the same table.
     want = reference.fusechat2_step_logits(b.pieces, t.pieces, bv, bp, tp, topk_logits.tolist(), topk_ids.tolist(),
                                            m.table.tolist(), base_marker="Ġ", teacher_marker="▁")
-    a = align_tokens(b.pieces, t.pieces, base_marker="Ġ", teacher_marker="▁", tie_break="fusechat2")
+    a = align_tokens(b.pieces, t.pieces, base_marker="Ġ", teacher_marker="▁", tie_break="fusechat2",
+                     cost="fusechat2")
     src = teacher_sources(a, b.pieces, t.pieces, b.ids, base_marker="Ġ", teacher_marker="▁", rule="fusechat2")
     ids, logits = jax.jit(gather_targets)(src.source, src.onehot, topk_ids, topk_logits, m.table)
     got = _compact(np.asarray(ids), np.asarray(logits))

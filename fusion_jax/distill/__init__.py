@@ -11,7 +11,7 @@ Alignment layer (this package's base; see each module's docstring for the array 
 * :func:`teacher_sources`, :func:`gather_targets` -- per base position the teacher distribution or the
   fallback (next-token one-hot by default, ``"fusellm_current"`` as FuseLLM's code).
 """
-from fusion_jax.distill.align import (TIE_BREAKS, Alignment, align_by_offsets, align_offsets, align_tokens,
+from fusion_jax.distill.align import (COSTS, TIE_BREAKS, Alignment, align_by_offsets, align_offsets, align_tokens,
                                       dtw_path, gather_aligned, piece_costs)
 from fusion_jax.distill.markers import (BYTE_LEVEL, MARKERS, SENTENCEPIECE, TokenizedText, check_marker,
                                         check_same_text, detect_marker, piece_bytes, spelled_text, tokenize)
@@ -21,7 +21,7 @@ from fusion_jax.distill.vocab_map import (KINDS, PairCounts, VocabMap, build_voc
                                           mined_map, statistics_map, tokenizer_fingerprint, vocab_pieces)
 
 __all__ = [
-    "TIE_BREAKS", "Alignment", "align_by_offsets", "align_offsets", "align_tokens", "dtw_path",
+    "COSTS", "TIE_BREAKS", "Alignment", "align_by_offsets", "align_offsets", "align_tokens", "dtw_path",
     "gather_aligned", "piece_costs",
     "BYTE_LEVEL", "MARKERS", "SENTENCEPIECE", "TokenizedText", "check_marker", "check_same_text",
     "detect_marker", "piece_bytes", "spelled_text", "tokenize",

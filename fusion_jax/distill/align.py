@@ -16,11 +16,12 @@ positions aligned to it):
   alignment"):
 
   1. costs: one Levenshtein per *distinct* (teacher piece, base piece) pair, bit-parallel over all
-     pairs at once (:mod:`fusion_jax.distill.edit_distance`), then gathered per row;
+     pairs at once (:mod:`fusion_jax.distill.edit_distance`); each distinct teacher piece's cost row
+     over the base sequence is then kept as its inclusive and exclusive prefix sums;
   2. forward pass: one NumPy step per teacher row, no loop over cells. Within a row the recurrence
      ``x[j] = min(e[j], c[j] + x[j-1])`` with ``e[j] = c[j] + min(up, diagonal)`` unrolls to
-     ``x[j] = S[j] + min_{t<=j}(e[t] - S[t])`` with ``S`` the row's cost prefix sum: a cumulative sum
-     and a cumulative minimum;
+     ``x[j] = S[j] + min_{t<=j}(e[t] - S[t])`` with ``S`` the row's cost prefix sum: four vector
+     operations per row, the one sequential part a cumulative minimum;
   3. backtrack: one step per path cell (at most n_base + n_teacher), reading three int32 values.
 
   Pieces are whatever the caller passes (FuseLLM: ``convert_ids_to_tokens``); :func:`fusion_jax.
@@ -28,19 +29,23 @@ positions aligned to it):
   text: FuseChat-2.0 aligns padded sequences on purpose. Empty input: an empty base gives an empty
   alignment; an empty teacher gives every base position an empty list (the original code fails there).
 
-* :func:`align_by_offsets` -- by the tokenizers' character offsets into the shared text, in linear
-  time: base token ``[s, e)`` gets every teacher token from the first one ending after ``s`` to the
-  last one starting before ``e`` (the teacher tokens it overlaps). It refuses (``DataError``) two
-  tokenizations that do not spell the same text.
+* :func:`align_by_offsets` -- by the tokenizers' character offsets into the shared text, without a DP
+  (two vectorized binary searches over the sorted spans): base token ``[s, e)`` gets every teacher
+  token from the first one ending after ``s`` to the last one starting before ``e`` (the teacher
+  tokens it overlaps). It refuses (``DataError``) two tokenizations that do not spell the same text.
 
-How the two differ on real text (measured by ``bench/align.py``; numbers in ``BENCHMARKS.md``):
-the lists are equal at most positions. They differ where the edit-distance path has to decide
-between neighbours that overlap the same characters: whitespace-only pieces (a lone "Ġ"/"▁", "ĊĊ",
-indentation runs) that one tokenizer glues to the next word and the other keeps apart, digit groups
-(Llama-3 splits numbers in threes, Llama-2 in single digits), multi-byte characters split into byte
-pieces, and long pieces that cover several pieces of the other side, where the DP's per-cell cost
-prefers a one-to-one diagonal over the true one-to-many cover. The DP never leaves a base position
-without a teacher; the offsets alignment leaves none empty either unless a base token covers no text.
+How the two differ on real text (``bench/align.py``: 8 windows of 2048 base tokens of Python's
+documentation prose per pair; numbers in ``BENCHMARKS.md``): the lists differ at 8% of the base
+positions for Llama-2 <- Llama-3, 13% for Qwen3 <- Gemma-3, 19% for Gemma-3 <- Llama-2 and 0.3% for
+Llama-3 <- Qwen3 (two byte-level BPEs with nearly the same pre-tokenizer). Where: (a) whitespace spelled
+differently -- the official cost compares piece *spellings*, so SentencePiece's "<0x0A>" against
+byte-level "Ċ" (both a newline) costs 6 edits, and runs of "▁"/"Ġ" pieces are grouped differently; the
+DP then pairs a newline with a neighbouring word; (b) a word one side keeps whole and the other splits
+("ĠAssertionError" vs "▁Assert" "ion" "Error"): the overlap gives every piece the whole word, the DP
+pairs each piece with whichever neighbour is cheapest and often gives the one-to-many list to a
+neighbour; (c) a few positions of drift after such a disagreement. Differences are local: the DP
+re-synchronizes within a few tokens. The offsets alignment is what the text says; the DP is what the
+official code trains on (use it for parity with FuseLLM/FuseChat).
 
 Both forms are precomputed int32 tables: :meth:`Alignment.csr` (offsets + indices),
 :meth:`Alignment.padded` (``[n_base, width]`` with -1) or simply ``start``/``count`` (the aligned teacher
@@ -133,22 +138,23 @@ def dtw_path(table: np.ndarray, teacher_index: np.ndarray, base_index: np.ndarra
     table = np.asarray(table, dtype=np.int32)
     if table.size and int(table.max()) * (n_teacher + n_base) >= int(_BIG):
         raise DataError("align_tokens: path costs overflow int32 (pieces of absurd length?)")
-    rows = np.ascontiguousarray(table[:, base_index])  # costs of each distinct teacher piece: [U, n_base]
+    # Each distinct teacher piece's cost row through its prefix sums, inclusive (S) and exclusive
+    # (S - c): the loop then needs four vector operations per row.
+    rows = np.ascontiguousarray(table[:, base_index])  # [distinct teacher pieces, n_base]
+    incl = np.cumsum(rows, axis=1, dtype=np.int32)  # int32 throughout: no casting buffers
+    excl = incl - rows
     acc = np.empty((n_teacher, n_base), dtype=np.int32)
-    np.cumsum(rows[teacher_index[0]], out=acc[0])
-    s = np.empty(n_base, dtype=np.int32)
+    which = np.asarray(teacher_index).tolist()
+    acc[0] = incl[which[0]]
     e = np.empty(n_base, dtype=np.int32)
     e_tail, up, diag = e[1:], acc[:, 1:], acc[:, :-1]
-    which = np.asarray(teacher_index).tolist()
     for i in range(1, n_teacher):  # one vector step per teacher row, no loop over cells
-        c = rows[which[i]]
+        u = which[i]
         np.minimum(up[i - 1], diag[i - 1], out=e_tail)  # min(up, diagonal) for columns 1..
         e[0] = acc[i - 1, 0]  # column 0 has no diagonal
-        e += c
-        np.cumsum(c, out=s)
-        e -= s  # x[j] = S[j] + min over t <= j of (e[t] - S[t])
-        np.minimum.accumulate(e, out=e)
-        np.add(e, s, out=acc[i])
+        np.subtract(e, excl[u], out=e)  # min(up, diagonal)[j] + c[j] - S[j]
+        np.minimum.accumulate(e, out=e)  # then x[j] = S[j] + (min over t <= j of that)
+        np.add(e, incl[u], out=acc[i])
     return _backtrack(acc, tie_break)
 
 
@@ -183,27 +189,56 @@ def _backtrack(acc: np.ndarray, tie_break: str) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(pi[::-1], dtype=np.int32), np.asarray(pj[::-1], dtype=np.int32)
 
 
+COSTS = ("stripped", "fusechat2")
+
+
 def piece_costs(base_pieces: Sequence[str], teacher_pieces: Sequence[str], base_marker: str,
-                teacher_marker: str):
+                teacher_marker: str, cost: str = "stripped"):
     """The cost matrix in factored form: ``(table int32 [n_teacher_distinct, n_base_distinct],
-    teacher_index int32 [n_teacher], base_index int32 [n_base])`` with
-    ``cost[i, j] = table[teacher_index[i], base_index[j]]`` = Levenshtein of the marker-stripped pieces."""
-    t_strip = [p.replace(teacher_marker, "") for p in teacher_pieces]
-    b_strip = [p.replace(base_marker, "") for p in base_pieces]
-    t_uniq, t_index = np.unique(np.asarray(t_strip, dtype=object), return_inverse=True) if t_strip else ([], [])
-    b_uniq, b_index = np.unique(np.asarray(b_strip, dtype=object), return_inverse=True) if b_strip else ([], [])
-    table = edit_distance.pairwise(list(t_uniq), list(b_uniq))
+    teacher_index int [n_teacher], base_index int [n_base])`` with ``cost[i, j] = table[teacher_index[i],
+    base_index[j]]``.
+
+    ``cost="stripped"`` (FuseLLM, FuseChat v1 without its substring weight): Levenshtein of the
+    marker-stripped pieces. ``cost="fusechat2"`` (FuseChat-2.0's ``transform_step_token``): the same,
+    except when either stripped piece is empty: then Levenshtein of the teacher piece with its marker
+    swapped to the base's and the raw base piece.
+    """
+    if cost not in COSTS:
+        raise ConfigError(f"cost={cost!r}: expected one of {', '.join(COSTS)}")
+    if cost == "stripped":  # distinct stripped strings are enough
+        t_key = [p.replace(teacher_marker, "") for p in teacher_pieces]
+        b_key = [p.replace(base_marker, "") for p in base_pieces]
+    else:  # the empty-piece rule needs the raw pieces
+        t_key, b_key = list(teacher_pieces), list(base_pieces)
+    t_uniq, t_index = np.unique(np.asarray(t_key, dtype=object), return_inverse=True)
+    b_uniq, b_index = np.unique(np.asarray(b_key, dtype=object), return_inverse=True)
+    t_uniq, b_uniq = list(t_uniq), list(b_uniq)
+    if cost == "stripped":
+        table = edit_distance.pairwise(t_uniq, b_uniq)
+    else:
+        t_strip = [p.replace(teacher_marker, "") for p in t_uniq]
+        b_strip = [p.replace(base_marker, "") for p in b_uniq]
+        table = edit_distance.pairwise(t_strip, b_strip)
+        rows = np.flatnonzero([not p for p in t_strip])
+        cols = np.flatnonzero([not p for p in b_strip])
+        swapped = [p.replace(teacher_marker, base_marker) for p in t_uniq]
+        if rows.size:
+            table[rows] = edit_distance.pairwise([swapped[r] for r in rows], b_uniq)
+        if cols.size:
+            table[:, cols] = edit_distance.pairwise(swapped, [b_uniq[c] for c in cols])
     return table, np.asarray(t_index, dtype=np.intp).ravel(), np.asarray(b_index, dtype=np.intp).ravel()
 
 
 def align_tokens(base_pieces: Sequence[str], teacher_pieces: Sequence[str], *, base_marker: str,
-                 teacher_marker: str, tie_break: str = "fusellm") -> Alignment:
+                 teacher_marker: str, tie_break: str = "fusellm", cost: str = "stripped") -> Alignment:
     """The official FuseLLM/FuseChat DP alignment: for each base position the ascending teacher
     positions aligned to it (``.lists()``), as int32 tables (module docstring).
 
     ``base_pieces`` / ``teacher_pieces``: the tokens as strings (``convert_ids_to_tokens``);
     ``base_marker`` / ``teacher_marker``: their word-start markers, "Ġ" (byte-level BPE) or "▁"
-    (SentencePiece), stripped before the edit distance; ``tie_break``: "fusellm" or "fusechat2".
+    (SentencePiece), stripped before the edit distance; ``tie_break``: "fusellm" or "fusechat2";
+    ``cost``: "stripped" (the default, as specified) or "fusechat2" (FuseChat-2.0's empty-piece rule,
+    :func:`piece_costs`).
     """
     check_marker(base_marker, "base_marker")
     check_marker(teacher_marker, "teacher_marker")
@@ -212,13 +247,14 @@ def align_tokens(base_pieces: Sequence[str], teacher_pieces: Sequence[str], *, b
     n_base, n_teacher = len(base_pieces), len(teacher_pieces)
     if n_base == 0 or n_teacher == 0:
         return _empty(n_base, n_teacher)
-    table, t_index, b_index = piece_costs(base_pieces, teacher_pieces, base_marker, teacher_marker)
+    table, t_index, b_index = piece_costs(base_pieces, teacher_pieces, base_marker, teacher_marker, cost)
     path_i, path_j = dtw_path(table, t_index, b_index, tie_break)
     return _ranges_from_path(path_i, path_j, n_base, n_teacher)
 
 
 def align_by_offsets(base: TokenizedText, teacher: TokenizedText) -> Alignment:
-    """Align two tokenizations of the same text by their character offsets (linear time, vectorized).
+    """Align two tokenizations of the same text by their character offsets (no DP: two vectorized
+    binary searches over the sorted spans, O((n + m) log m), under a millisecond for 2048 tokens).
 
     Base token ``[s, e)`` gets the teacher tokens from the first one that ends after ``s`` to the last
     one that starts before ``e``. A ``DataError`` if the two do not spell the same text

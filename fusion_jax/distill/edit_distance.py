@@ -205,7 +205,36 @@ def _pow2(n: int, floor: int) -> int:
     return max(floor, 1 << max(0, int(n) - 1).bit_length())
 
 
-def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 512, block: int = 4096,
+class _PatternBlock:
+    """Patterns of at most 32 characters, ready for the compiled kernel against any texts."""
+
+    def __init__(self, codes: np.ndarray, lengths: np.ndarray, min_cols: int = 1024):
+        self.n = len(lengths)
+        codes = codes[:, :SHORT]
+        self.pat, self.pos = np.nonzero(codes >= 0)
+        self.code = codes[self.pat, self.pos]
+        self.cols = _pow2(self.n, max(_TILE, min_cols))
+        self.plen = np.zeros(self.cols, dtype=np.int32)
+        self.plen[:self.n] = lengths
+
+    def distances(self, txt_codes: np.ndarray, length: int) -> np.ndarray:
+        """``int32 [n_texts, n_patterns]`` for texts that all have ``length`` characters."""
+        import jax.numpy as jnp
+
+        m = txt_codes.shape[0]
+        alphabet, idx = np.unique(txt_codes[:, :length], return_inverse=True)
+        # Few distinct shapes, so few compilations: rows, width, alphabet and columns are padded.
+        txt = np.zeros((_pow2(m, 64), _pow2(length, 32)), dtype=np.int32)
+        txt[:m, :length] = idx.reshape(m, length)
+        k = np.searchsorted(alphabet, self.code)
+        hit = (k < len(alphabet)) & (alphabet[np.minimum(k, len(alphabet) - 1)] == self.code)
+        peq = np.zeros((_pow2(len(alphabet) + 1, 256), self.cols), dtype=np.uint32)
+        np.bitwise_or.at(peq, (k[hit], self.pat[hit]), np.uint32(1) << self.pos[hit].astype(np.uint32))
+        out = _kernel()(jnp.asarray(peq), jnp.asarray(self.plen), jnp.asarray(txt), jnp.int32(length))
+        return np.asarray(out)[:m, :self.n]
+
+
+def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 512, block: int = 1024,
             progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """For each query, the candidate at the smallest Levenshtein distance, the lowest candidate index
     among ties: ``(distance int32 [n_queries], index int32 [n_queries])`` (-1 if there are no candidates).
@@ -213,18 +242,16 @@ def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 5
     Equal to ``min(range(len(candidates)), key=lambda j: editdistance.eval(q, candidates[j]))`` for
     every query (the brute force; Python's ``min`` keeps the first minimum), computed as:
     candidates sorted by length into blocks; queries grouped by length into chunks; per chunk the
-    blocks in order of their length lower bound ``|len(q) - len(c)| <= distance``, stopping once that
-    bound exceeds every query's best so far (ties still scanned, for the lowest index); each (chunk,
-    block) is one compiled bit-parallel kernel call (JAX), candidates over 32 characters go through the
-    NumPy path (:func:`pairwise`).
+    blocks in order of their length lower bound ``|len(q) - len(c)| <= distance``, each block only for
+    the queries whose best so far is not below that bound (ties still scanned, for the lowest index),
+    stopping when none is left; each (chunk, block) is one compiled bit-parallel kernel call (JAX),
+    candidates over 32 characters go through the NumPy path (:func:`pairwise`).
     """
     nq, nc = len(queries), len(candidates)
     best_d = np.full(nq, np.iinfo(np.int32).max, dtype=np.int64)
     best_i = np.full(nq, -1, dtype=np.int64)
     if nq == 0 or nc == 0:
         return best_d.astype(np.int32), best_i.astype(np.int32)
-    import jax.numpy as jnp
-
     c_codes, c_len = encode(candidates, pad=-1)
     order = np.lexsort((np.arange(nc), c_len))
     short = order[c_len[order] <= SHORT]
@@ -235,16 +262,8 @@ def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 5
         blocks.append((idx, int(c_len[idx].min()), int(c_len[idx].max()), True))
     if len(long_):
         blocks.append((long_, int(c_len[long_].min()), int(c_len[long_].max()), False))
-    # Per block, the (pattern, position, code) triples that build its match masks for any alphabet.
-    block_chars = []
-    for idx, _, _, is_short in blocks:
-        if not is_short:
-            block_chars.append(None)
-            continue
-        codes = c_codes[idx][:, :SHORT]
-        pat, pos = np.nonzero(codes >= 0)
-        block_chars.append((pat, pos, codes[pat, pos]))
-    kernel = _kernel()
+    prepared = [_PatternBlock(c_codes[idx], c_len[idx], min_cols=min(block, 1024)) if is_short else None
+                for idx, _, _, is_short in blocks]
     q_len = np.fromiter((len(q) for q in queries), dtype=np.int64, count=nq)
     q_order = np.argsort(q_len, kind="stable")
     groups = []
@@ -264,39 +283,23 @@ def nearest(queries: Sequence[str], candidates: Sequence[str], *, chunk: int = 5
                 bar.update(len(members))
             continue
         q_codes, _ = encode(q_strs, pad=-2)
-        alphabet, q_idx = np.unique(q_codes, return_inverse=True)
-        q_idx = q_idx.reshape(q_codes.shape).astype(np.int32)
-        # Few distinct shapes, so few compilations: rows, width, alphabet and columns are padded.
-        rows = _pow2(len(members), 64)
-        width = _pow2(length, 32)
-        txt = np.zeros((rows, width), dtype=np.int32)
-        txt[:len(members), :length] = q_idx
-        n_alpha = _pow2(len(alphabet) + 1, 256)  # index len(alphabet).. : rows of zeros (no match)
         bd = np.full(len(members), np.iinfo(np.int32).max, dtype=np.int64)
         bi = np.full(len(members), -1, dtype=np.int64)
         lb = [max(0, lo - length, length - hi) for _, lo, hi, _ in blocks]
         for b in np.argsort(lb, kind="stable"):
-            if lb[b] > bd.max():
-                break
+            rows = np.flatnonzero(bd >= lb[b])  # only queries this block can still improve (or tie)
+            if rows.size == 0:
+                break  # blocks come in increasing lower bound: none of the rest can either
             idx, _, _, is_short = blocks[b]
             if is_short:
-                pat, pos, code = block_chars[b]
-                k = np.searchsorted(alphabet, code)
-                hit = (k < len(alphabet)) & (alphabet[np.minimum(k, len(alphabet) - 1)] == code)
-                cols = _pow2(len(idx), max(_TILE, min(block, 1024)))
-                peq = np.zeros((n_alpha, cols), dtype=np.uint32)
-                np.bitwise_or.at(peq, (k[hit], pat[hit]), (np.uint32(1) << pos[hit].astype(np.uint32)))
-                plen = np.zeros(cols, dtype=np.int32)
-                plen[:len(idx)] = c_len[idx]
-                d = np.asarray(kernel(jnp.asarray(peq), jnp.asarray(plen), jnp.asarray(txt),
-                                      jnp.int32(length)))[:len(members), :len(idx)]
+                d = prepared[b].distances(q_codes[rows], length)
             else:
-                d = pairwise(q_strs, [candidates[i] for i in idx])
+                d = pairwise([q_strs[r] for r in rows], [candidates[i] for i in idx])
             dmin = d.min(axis=1).astype(np.int64)
             imin = np.where(d == dmin[:, None], idx[None, :], nc).min(axis=1)
-            better = (dmin < bd) | ((dmin == bd) & (imin < bi))
-            bd = np.where(better, dmin, bd)
-            bi = np.where(better, imin, bi)
+            better = (dmin < bd[rows]) | ((dmin == bd[rows]) & (imin < bi[rows]))
+            bd[rows] = np.where(better, dmin, bd[rows])
+            bi[rows] = np.where(better, imin, bi[rows])
         best_d[members], best_i[members] = bd, bi
         if bar:
             bar.update(len(members))

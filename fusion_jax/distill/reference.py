@@ -72,11 +72,16 @@ def dtw(series_1, series_2, norm_func, tie_break: str = "fusellm"):
     return matches, matrix[-1, -1], mappings_series_1, mappings_series_2, matrix
 
 
-def align_tokens(base_pieces, teacher_pieces, *, base_marker, teacher_marker, tie_break="fusellm"):
+def align_tokens(base_pieces, teacher_pieces, *, base_marker, teacher_marker, tie_break="fusellm",
+                 cost="stripped"):
     """FuseLLM's ``base_to_blending``: the official DTW with the cost ``editdistance(teacher piece minus
-    its marker, base piece minus its marker)``."""
+    its marker, base piece minus its marker)``; ``cost="fusechat2"`` adds FuseChat-2.0's rule for an
+    empty stripped piece (the swapped teacher piece against the raw base piece)."""
     def dist_fn(a, b):
-        return levenshtein(a.replace(teacher_marker, ""), b.replace(base_marker, ""))
+        aa, bb = a.replace(teacher_marker, ""), b.replace(base_marker, "")
+        if cost == "fusechat2" and (len(aa) == 0 or len(bb) == 0):
+            aa, bb = a.replace(teacher_marker, base_marker), b
+        return levenshtein(aa, bb)
 
     _, _, _, base_to_teacher, _ = dtw(teacher_pieces, base_pieces, norm_func=dist_fn, tie_break=tie_break)
     return base_to_teacher
@@ -145,7 +150,7 @@ def fusechat2_step_logits(base_pieces, teacher_pieces, base_vocab, base_id_to_pi
     """FuseChat-2.0 ``transform_step_logits`` with ``align_type="default"`` and
     ``use_token_alignment_matrix=True`` (raw pieces as tokens, as the release version)."""
     base_to_blending = align_tokens(base_pieces, teacher_pieces, base_marker=base_marker,
-                                    teacher_marker=teacher_marker, tie_break="fusechat2")
+                                    teacher_marker=teacher_marker, tie_break="fusechat2", cost="fusechat2")
     labels = list(base_pieces[1:]) + [base_pieces[-1]]
 
     def topk_of(j, idx_l, log_l):

@@ -23,6 +23,11 @@ Rules (``rule``):
   is the end of) the stripped base piece, else a greedy prefix cover of the base piece by the teacher
   pieces whose concatenation equals it (the last covering position), where a failed cover whose pieces
   still end with (or are the end of) the base piece gives ``OWN``; otherwise the one-hot.
+
+FuseChat-2.0's other align types map onto these: its "hard" (EM) is ``rule="fusellm"`` without a table
+and with ``fallback="next"`` (it lacks FuseLLM's position-0 prefix case); its "soft" is broken as
+released (reference file section 2.3). FuseChat v1's early variant (merged top-k of a covering, weighted
+by co-occurrence) is not offered: the released v1 pipeline never aligned vocabularies.
 """
 from __future__ import annotations
 

@@ -18,6 +18,14 @@ Three maps (``reference/fusellm_fusechat.md`` section 2). Pieces are the tokeniz
   substring of the other), the lowest base id among ties; never aligned: the base unk id (eos if none);
   teacher bos/eos map to base bos/eos.
 
+Where the releases differ (reference file sections 1.2, 2.3): FuseChat-2.0's own "soft" (MinED) path is
+broken as released (``editdistance.eval`` of a string against a NumPy array is one number, so every
+inexact token maps to the first vocabulary entry); ``"mined"`` is FuseLLM's working version. The
+statistics map compares raw pieces (FuseChat-2.0 at bc5545d); its byte-string replacements ("âĢĻ" ->
+"’", ...) and the Llama-3 -> Mistral special-token renaming are not applied: they only move a few
+distances between byte-level and SentencePiece spellings. FuseChat-2.0 at HEAD aligns ``decode([id])``
+strings instead of pieces: pass such strings as pieces (with either marker; they contain none) to get it.
+
 A :class:`VocabMap` is built once, saved (``table.npz`` + ``manifest.json`` with both tokenizers'
 fingerprints), loaded (refusing other tokenizers) and applied under ``jax.jit`` by :func:`map_topk`.
 
@@ -123,7 +131,8 @@ class PairCounts:
         if len(base_ids) != alignment.n_base or len(teacher_ids) != alignment.n_teacher:
             raise DataError(f"PairCounts.add: {len(base_ids)} base / {len(teacher_ids)} teacher ids for an "
                             f"alignment of {alignment.n_base} x {alignment.n_teacher} positions")
-        for ids, v, what in ((base_ids, self.base_vocab_size, "base"), (teacher_ids, self.teacher_vocab_size, "teacher")):
+        for ids, v, what in ((base_ids, self.base_vocab_size, "base"),
+                             (teacher_ids, self.teacher_vocab_size, "teacher")):
             if ids.size and (ids.min() < 0 or ids.max() >= v):
                 raise DataError(f"PairCounts.add: a {what} id is outside the vocabulary of {v}")
         offsets, positions = alignment.csr()
@@ -255,8 +264,9 @@ class VocabMap:
 
 
 def build_vocab_map(teacher, base, kind: str = "mined", counts: PairCounts | None = None,
-                    progress: bool = False) -> VocabMap:
-    """Build a :class:`VocabMap` between two transformers fast tokenizers (``counts`` for "statistics")."""
+                    progress: bool = True) -> VocabMap:
+    """Build a :class:`VocabMap` between two transformers fast tokenizers (``counts`` for "statistics";
+    "mined" shows a progress bar: minutes for 100k-token vocabularies on a CPU, see ``BENCHMARKS.md``)."""
     if kind not in KINDS:
         raise ConfigError(f"vocab map kind={kind!r}: expected one of {', '.join(KINDS)}")
     tm, bm = detect_marker(teacher), detect_marker(base)
