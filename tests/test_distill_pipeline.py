@@ -34,6 +34,17 @@ def _smoke(method, zoo, out):
     return c
 
 
+def _eight_devices(method, zoo, out) -> dict:
+    """``python train.py --config=configs/<method>.py:smoke`` on 8 simulated devices; its report."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    p = subprocess.run([sys.executable, "train.py", f"--config=configs/{method}.py:smoke", f"--config.zoo.cache_dir={zoo}",
+                        f"--config.output_dir={out}", "--config.trainer.progress=False"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((out / f"{method}_smoke" / "run.json").read_text())["mesh"]["fsdp"] == 8
+    return json.loads((out / f"{method}_smoke" / "report.json").read_text())
+
+
 def test_fusellm_smoke_and_eight_devices(zoo, tmp_path):
     r = run(_smoke("fusellm", zoo, tmp_path / "runs"))
     out = tmp_path / "runs" / "fusellm_smoke"
@@ -53,14 +64,8 @@ def test_fusellm_smoke_and_eight_devices(zoo, tmp_path):
     assert "nats per UTF-8 byte" in (out / "report.md").read_text()
     assert r["report"]["checks"] == report["checks"]
 
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "train.py", "--config=configs/fusellm.py:smoke", f"--config.zoo.cache_dir={zoo}",
-                        f"--config.output_dir={tmp_path / 'runs8'}", "--config.trainer.progress=False"], cwd=REPO,
-                       env=env, capture_output=True, text=True, timeout=900)
-    assert p.returncode == 0, p.stderr[-3000:]
+    report8 = _eight_devices("fusellm", zoo, tmp_path / "runs8")
     out8 = tmp_path / "runs8" / "fusellm_smoke"
-    assert json.loads((out8 / "run.json").read_text())["mesh"]["fsdp"] == 8
-    report8 = json.loads((out8 / "report.json").read_text())
     for name in ("ref", "qwen2", "mistral"):   # the same stores, byte for byte
         a, b = (hashlib.sha256(b"".join(f.read_bytes() for f in sorted((o / "work" / "stores" / name).iterdir())))
                 .hexdigest() for o in (out, out8))
@@ -86,6 +91,11 @@ def test_fusechat_smoke_and_resume(zoo, tmp_path):
     again = run(c)
     assert again["report"]["eval_nats_per_byte"] == report["eval_nats_per_byte"]
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp
+    # and on 8 simulated devices, the same report up to float32 reduction order
+    report8 = _eight_devices("fusechat", zoo, tmp_path / "runs8")
+    for m, row in report["eval_nats_per_byte"].items():
+        np.testing.assert_allclose([report8["eval_nats_per_byte"][m][d] for d in row], list(row.values()), rtol=2e-5,
+                                   err_msg=m)
 
 
 # -- bad input ----------------------------------------------------------------------------------------------
