@@ -126,8 +126,8 @@ def main(argv=None) -> int:
              f"float32), batch {B} x {S}, {C} candidates x top-{k}, AvgCE, lambda 0.9, AdamW, jitted with donated "
              f"state; {a.rounds} alternating rounds of {a.steps} steps (medians). Same loss ({l0:.5f} vs {l1:.5f}) "
              f"and gradient norm ({g0:.4f} vs {g1:.4f}). Memory: XLA's compiled temporaries of the step "
-             "(XLA's `temp_size_in_bytes`: the step's working memory; params and optimizer state, the same for both, not "
-             "counted).", "",
+             "(XLA's `temp_size_in_bytes`: the step's working memory; params and optimizer state, the same for "
+             "both, not counted).", "",
              "| train step | step memory MB | tokens/s | vs dense |", "|---|---|---|---|"]
     for n in steps:
         lines.append(f"| {n} | {mem[n] / 2**20:,.0f} | {rate[n]:,.0f} | memory {mem[n] / mem[base]:.2f}x, "

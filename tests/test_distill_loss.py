@@ -25,7 +25,7 @@ def _dense_reference(Z, input_ids, loss_mask, fusion_mask, ids, values, count, c
     """float64 NumPy: dense [B,S,V] fused targets, the official formulas."""
     Z = Z.astype(np.float64)
     B, S, V = Z.shape
-    C, k = ids.shape[2], ids.shape[3]
+    C = ids.shape[2]
     if bf16_rewards:
         import ml_dtypes
         r = np.asarray(1.0 / np.exp(ce.astype(ml_dtypes.bfloat16).astype(np.float64)), np.float64)

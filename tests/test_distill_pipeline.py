@@ -37,9 +37,9 @@ def _smoke(method, zoo, out):
 def _eight_devices(method, zoo, out) -> dict:
     """``python train.py --config=configs/<method>.py:smoke`` on 8 simulated devices; its report."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    p = subprocess.run([sys.executable, "train.py", f"--config=configs/{method}.py:smoke", f"--config.zoo.cache_dir={zoo}",
-                        f"--config.output_dir={out}", "--config.trainer.progress=False"], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = subprocess.run([sys.executable, "train.py", f"--config=configs/{method}.py:smoke",
+                        f"--config.zoo.cache_dir={zoo}", f"--config.output_dir={out}", "--config.trainer.progress=False"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads((out / f"{method}_smoke" / "run.json").read_text())["mesh"]["fsdp"] == 8
     return json.loads((out / f"{method}_smoke" / "report.json").read_text())
@@ -195,7 +195,8 @@ def test_notebook_runs_smoke_on_cpu(zoo, tmp_path, monkeypatch):
         "\n".join(f"{k} = {v!r}" for k, v in params.items()), metadata={"tags": ["injected-parameters"]}))
     work = tmp_path / "work"
     work.mkdir()
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(work)}}).execute()
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(work)}}).execute()
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
     report = json.loads((tmp_path / "runs" / "fusellm_smoke" / "report.json").read_text())
     assert "distilled" in report["eval_nats_per_byte"]

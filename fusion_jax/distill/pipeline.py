@@ -21,7 +21,6 @@ Stages (each resumable: a rerun of the same command skips what is done):
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any

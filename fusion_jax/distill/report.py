@@ -49,8 +49,8 @@ def checks(method: str, per_byte: dict, teachers: list[str]) -> dict:
             out[f"merged_beats_pivot_{d}"] = {"pass": per_byte["merged"][d] < per_byte["pivot"][d],
                                               "merged": per_byte["merged"][d], "pivot": per_byte["pivot"][d]}
         if "baseline" in per_byte:
-            out["merged_beats_sft_only_all"] = {"pass": per_byte["merged"][ALL] < per_byte["baseline"][ALL],
-                                                "merged": per_byte["merged"][ALL], "sft_only": per_byte["baseline"][ALL]}
+            m, b = per_byte["merged"][ALL], per_byte["baseline"][ALL]
+            out["merged_beats_sft_only_all"] = {"pass": m < b, "merged": m, "sft_only": b}
     student = "student" if method == "fusellm" else "pivot"
     for t in teachers:
         out[f"teacher_{t}_better_than_{student}"] = {"pass": per_byte[t][ALL] < per_byte[student][ALL],

@@ -102,7 +102,8 @@ def _batches(lengths: np.ndarray, rows: np.ndarray, per_step: int, pad_multiple:
 def run_teacher_pass(model_dir: str | Path, tokenizer, corpus: Tokenized, store_dir: str | Path, *,
                      fingerprints: Mapping[str, str], k: int = 10, batch_per_device: int = 8,
                      shard_sequences: int = 1024, pad_multiple: int = 64, logit_format: str = "q8",
-                     logit_chunk: int = 512, dtype: str = "float32", shard_params: bool = False, mesh=None, progress: bool = True,
+                     logit_chunk: int = 512, dtype: str = "float32", shard_params: bool = False, mesh=None,
+                     progress: bool = True,
                      desc: str = "teacher pass", log=print) -> st.Store:
     """Run one teacher over ``corpus`` (its own tokenization) into the store at ``store_dir``; returns the
     opened :class:`~fusion_jax.distill.store.Store`.
