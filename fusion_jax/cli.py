@@ -26,6 +26,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("dare", "fusion_jax.merging.cli", "DARE one fine-tune onto its base (drop and rescale its delta)"),
     ("train", "fusion_jax.train.cli",
      "train per an ml_collections config (--config=PATH[:PRESET], --config.a.b=VALUE overrides)"),
+    ("generate", "fusion_jax.eval.cli", "generate text from any fusion-jax model"),
+    ("eval", "fusion_jax.eval.cli", "evaluate any fusion-jax model (loss, math, code) into a report"),
+    ("arena", "fusion_jax.arena.cli", "every fusion method on the demo zoo, evaluated side by side"),
 )
 
 
