@@ -64,7 +64,7 @@ def markdown(report: dict, timings: dict, c, u) -> str:
     for n, r in report["contestants"].items():
         if r["status"] == "ok":
             lines.append(f"| {n} | {r['family']} | {r['template']} | {r.get('build_s', 0):.1f} | "
-                         f"{r.get('eval_s', 0):.1f} | {r['what']}; {r.get('note', '')} |")
+                         f"{r.get('eval_s', 0):.1f} | {r['what']}" + (f"; {r['note']}" if r.get("note") else "") + " |")
         else:
             lines.append(f"| {n} | {r['family']} | — | — | — | **{r['status']}**: {r.get('reason', '')} |")
     lines += ["", "Templates: `base` = the base's pre-training format `{prompt}\\n`; `own:X` = specialist X's "
