@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import jax
-import numpy as np
 import pytest
 
 from fusion_jax.cli import main

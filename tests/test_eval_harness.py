@@ -87,7 +87,6 @@ def test_plain_model_matches_lm_evals_transformers_backend(tmp_path):
 
 def test_fused_model_matches_its_pytorch_export(tmp_path):
     import jax
-    from flax import nnx
 
     from fusion_jax.hf import load_model
     from fusion_jax.ultrafuser.export import save_fused
@@ -97,7 +96,6 @@ def test_fused_model_matches_its_pytorch_export(tmp_path):
     fm = FusedModel.from_models([load_model(p) for p in paths], ["a", "b"], gate_hidden=8)
     fm.gate["w2"] = jax.random.normal(jax.random.key(1), fm.gate["w2"].shape)
     out = save_fused(fm, tmp_path / "fused", tokenizer_dir=paths[0])
-    del nnx
     tasks = _tasks(tmp_path)
     ours = _run("fusion-jax", f"pretrained={out}", tasks)
     ref = _run("hf", f"pretrained={out},dtype=float32,trust_remote_code=True", tasks)

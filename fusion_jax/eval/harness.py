@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import sys
 
+import lm_eval.models  # noqa: F401  (lm-eval's own models register lazily only into an empty registry)
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
