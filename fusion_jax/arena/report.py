@@ -77,7 +77,7 @@ def markdown(report: dict, timings: dict, c, u) -> str:
 
 
 def plot(path: Path, report: dict) -> None:
-    """Left: eval loss per domain per contestant; right: math accuracy and code pass@1."""
+    """Left: eval loss per domain per contestant; right: the task metrics (math, code)."""
     from fusion_jax.train.report import _mpl
     plt = _mpl()
     ok = {n: r for n, r in report["contestants"].items() if r["status"] == "ok"}
@@ -96,11 +96,12 @@ def plot(path: Path, report: dict) -> None:
     lo = min((v for n in names for v in ok[n]["loss"].values()), default=0.0)
     axes[0].set_ylim(bottom=max(0.0, lo - 0.5))
     axes[0].legend(fontsize=8)
-    metrics = [("math", "accuracy", "math accuracy"), ("code", "pass@1", "code pass@1"),
-               ("code", "parses", "code parses")]
+    metrics = [("math", "accuracy", "math accuracy"), ("math", "answered", "math: has an answer"),
+               ("code", "pass@1", "code pass@1"), ("code", "parses", "code: valid Python")]
     w2 = 0.8 / len(metrics)
     for j, (task, key, label) in enumerate(metrics):
-        axes[1].bar(x + (j - 1) * w2, [ok[n].get(task, {}).get(key, np.nan) for n in names], w2, label=label)
+        axes[1].bar(x + (j - (len(metrics) - 1) / 2) * w2, [ok[n].get(task, {}).get(key, np.nan) for n in names],
+                    w2, label=label)
     axes[1].set_xticks(x, names, rotation=60, ha="right", fontsize=8)
     axes[1].set_ylim(0, 1)
     axes[1].set_title("task metrics (higher is better)")
