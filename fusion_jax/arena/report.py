@@ -1,6 +1,7 @@
 """The arena's report: one table (``report.md``, ``report.json``), one plot (``arena.png``)."""
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def table_rows(report: dict) -> dict[str, dict]:
     return out
 
 
+def _stage_seconds(timings: dict) -> float:
+    return float(sum(v for k, v in timings.items() if k.startswith(("build_", "eval_"))))
+
+
 def markdown(report: dict, timings: dict, c, u) -> str:
     rows = table_rows(report)
     domains = report["domains"]
@@ -71,8 +76,10 @@ def markdown(report: dict, timings: dict, c, u) -> str:
               "own template in every domain (as the UltraFuser report); `domain` = each domain in its own "
               "specialist's template (merged and multi-task models have no template of their own), the "
               "mixed set in the text template; `fused` = every specialist's template at once (one view each).",
-              "", f"Total {timings.get('total_s', 0):.0f} s (zoo {timings.get('zoo_s', 0):.0f} s) on "
-              f"{platform.processor() or platform.machine()}; per-item outputs in `outputs/<contestant>/`."]
+              "", f"This run {timings.get('total_s', 0):.0f} s (zoo {timings.get('zoo_s', 0):.0f} s); the "
+              f"contestants' stages took {_stage_seconds(timings):.0f} s when first computed (a rerun reuses "
+              f"them); {platform.processor() or platform.machine()}, {os.cpu_count()} cores. Per-item outputs in "
+              "`outputs/<contestant>/`."]
     return "\n".join(lines) + "\n"
 
 
