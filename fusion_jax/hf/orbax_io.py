@@ -1,6 +1,7 @@
 """Params-level Orbax checkpoints for ``fusion-jax convert``: a directory holding
 
-    config.json     the model's HF config.json (``ModelConfig.to_hf``), plus a "fusion_jax" block
+    config.json     the model's HF config.json (``ModelConfig.to_hf``), plus a "fusion_jax" block (dtypes,
+                    and a fingerprint of every param's bits)
     params/         the nested params dict, written by ``orbax.checkpoint.StandardCheckpointer``
     (generation_config.json and tokenizer files, when the source had them)
 
@@ -10,6 +11,12 @@ trainer's CheckpointManager (step directories, optimizer state) is separate: see
 Orbax and TensorStore failures are caught here and become a :class:`CheckpointError` naming the
 checkpoint, in one line (:mod:`fusion_jax.utils.orbax_errors`); a full disk is an ``OutputError`` naming
 the output. Orbax's background writer is always awaited before its temporary directory is removed.
+
+Why fingerprints: Orbax stores arrays zstd-compressed without a checksum, so a flipped byte in a data
+file can decompress into different numbers without any error (the hardening suite found exactly that).
+Each param's fingerprint (:mod:`fusion_jax.utils.fingerprint`: computed on device, sharded or not) is
+written beside the config and checked after every restore. Checkpoints written before the
+fingerprints existed restore unchecked.
 """
 from __future__ import annotations
 
@@ -27,10 +34,12 @@ from fusion_jax.hf.files import CONFIG_NAME, check_passthrough_files, copy_passt
 from fusion_jax.models.config import ModelConfig, canonical_dtype
 from fusion_jax.utils import interrupt, oserrors
 from fusion_jax.utils.atomic import atomic_directory
+from fusion_jax.utils.fingerprint import check_fingerprints, flat_fingerprints
 from fusion_jax.utils.orbax_errors import quiet_orbax_noise, summarize
 
 PARAMS_DIR = "params"
 _BLOCK = "fusion_jax"  # our own keys in config.json
+_FP = "fingerprints"
 
 
 def write_pytree(directory: Path, tree, shown) -> None:
@@ -72,7 +81,8 @@ def save_params(out_dir: str | os.PathLike, params, config: ModelConfig, *, sour
     with atomic_directory(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         write_pytree(tmp / PARAMS_DIR, params, out_dir)
         hf = config.to_hf()
-        hf[_BLOCK] = {"param_dtype": config.param_dtype, "dtype": config.dtype}
+        hf[_BLOCK] = {"param_dtype": config.param_dtype, "dtype": config.dtype,
+                      _FP: flat_fingerprints(params)}
         (tmp / CONFIG_NAME).write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n")
         if source_dir is not None:
             copy_passthrough_files(source_dir, tmp)
@@ -80,6 +90,11 @@ def save_params(out_dir: str | os.PathLike, params, config: ModelConfig, *, sour
 
 
 def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
+    return _read_orbax_config(path)[0]
+
+
+def _read_orbax_config(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, str]]:
+    """The config and the params' fingerprints (empty for a checkpoint written without them)."""
     path = Path(path)
     f = path / CONFIG_NAME
     if not f.is_file() or not (path / PARAMS_DIR).is_dir():
@@ -93,8 +108,16 @@ def read_orbax_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{f}: field {_BLOCK!r}: expected an object, got {type(extra).__name__}")
     dtypes = {k: canonical_dtype(v, f"{f}: field '{_BLOCK}.{k}'") if isinstance(v, str) else _bad(f, k, v)
               for k, v in extra.items() if k in ("param_dtype", "dtype")}
+    fps = extra.get(_FP)
+    fps = {} if fps is None else fps
+    if not isinstance(fps, dict):
+        raise CheckpointError(f"{f}: field '{_BLOCK}.{_FP}': expected an object, got {json.dumps(fps)[:40]}")
+    for k, v in fps.items():
+        if not (isinstance(v, str) and len(v) == 8 and all(c in "0123456789abcdef" for c in v)):
+            raise CheckpointError(f"{f}: field '{_BLOCK}.{_FP}.{k}': expected 8 hex digits, got "
+                                  f"{json.dumps(v)[:40]}")
     config = ModelConfig.from_hf(hf, source=str(f))  # validates architecture, fields, ranges
-    return config.replace(**dtypes)
+    return config.replace(**dtypes), fps
 
 
 def _bad(f: Path, key: str, value):
@@ -119,7 +142,7 @@ def restore_params(path: str | os.PathLike, target_shardings=None) -> tuple[Mode
     import orbax.checkpoint as ocp
     quiet_orbax_noise()
     path = Path(path).absolute()
-    config = read_orbax_config(path)
+    config, fps = _read_orbax_config(path)
     target = abstract_params(config, target_shardings)
     ckptr = ocp.StandardCheckpointer()
     try:
@@ -130,4 +153,6 @@ def restore_params(path: str | os.PathLike, target_shardings=None) -> tuple[Mode
                               f"({summarize(e)})") from e
     finally:
         ckptr.close()
+    if fps:
+        check_fingerprints(params, fps, f"{path / PARAMS_DIR}", f"{path / CONFIG_NAME}")
     return config, params

@@ -172,8 +172,9 @@ class ModelConfig:
         else:
             arch = model_type
         if arch not in ARCHITECTURES:
+            key = "architectures" if archs else "model_type"
             raise UnknownArchitectureError(
-                f"{source}: architecture {arch!r} is not supported "
+                f"{source}: field {key!r}: architecture {arch!r} is not supported "
                 f"(supported: {', '.join(ARCHITECTURES)})")
         model_type = ARCHITECTURES[arch]
         D = hf["hidden_size"]
@@ -336,22 +337,29 @@ def _is_number(v: Any) -> bool:
 class HFField:
     """The JSON values one config.json key may hold (transformers' own annotations, plus ranges)."""
 
-    kind: str                      # int | number | bool | str | object | token_ids | names | dtype
+    kind: str                      # int | number | bool | str | object | token_ids | names | arch | dtype
     nullable: bool = False
     min: float | None = None       # inclusive lower bound for int / number
+    max: float | None = None       # inclusive upper bound for number
     positive: bool = False         # number > 0
     required: bool = False
+    values: str | None = None      # object: "str" (every value a string) or "id" (an int or a string)
 
     def describe(self) -> str:
         what = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
                 "object": "an object", "token_ids": "a token id or a list of token ids",
-                "names": "a list of names", "dtype": "a dtype name such as \"bfloat16\""}[self.kind]
+                "names": "a list of names", "arch": "a list of architecture names",
+                "dtype": "a dtype name such as \"bfloat16\""}[self.kind]
         if self.kind == "int" and self.min is not None:
             what = f"an integer >= {int(self.min)}"
         elif self.kind == "number" and self.positive:
             what = "a number > 0"
+        elif self.kind == "number" and self.min is not None and self.max is not None:
+            what = f"a number from {self.min:g} to {self.max:g}"
         elif self.kind == "number" and self.min is not None:
             what = f"a number >= {self.min:g}"
+        elif self.kind == "object" and self.values == "str":
+            what = "an object of strings"
         return what + (" or null" if self.nullable else "")
 
     def ok(self, v: Any) -> bool:
@@ -360,16 +368,23 @@ class HFField:
         if self.kind == "int":
             return _is_int(v) and (self.min is None or v >= self.min)
         if self.kind == "number":
-            return _is_number(v) and (self.min is None or v >= self.min) and (not self.positive or v > 0)
+            return (_is_number(v) and (self.min is None or v >= self.min) and (self.max is None or v <= self.max)
+                    and (not self.positive or v > 0))
         if self.kind == "bool":
             return isinstance(v, bool)
         if self.kind == "str":
             return isinstance(v, str)
         if self.kind == "object":
+            if self.values == "str":
+                return isinstance(v, Mapping) and all(isinstance(x, str) for x in v.values())
+            if self.values == "id":
+                return isinstance(v, Mapping) and all(isinstance(x, str) or _is_int(x) for x in v.values())
             return isinstance(v, Mapping)
         if self.kind == "token_ids":
             return _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))
         if self.kind == "names":
+            return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+        if self.kind == "arch":  # transformers writes a list; a bare name is read as a list of one
             return (isinstance(v, str) and bool(v)) or (isinstance(v, list) and all(isinstance(x, str) and x
                                                                                     for x in v))
         if self.kind == "dtype":
@@ -391,7 +406,7 @@ _KNOWN_DTYPE_NAMES = set(_DTYPE_NAMES) | {"float64", "double", "half", "float", 
 #: Every config.json key of the Llama / Mistral / Qwen2 configs (transformers' annotations), with the
 #: values accepted. Keys not listed are kept as they are (``extra_hf``) when they hold plain JSON.
 HF_FIELDS: dict[str, HFField] = {
-    "architectures": HFField("names", nullable=True),
+    "architectures": HFField("arch", nullable=True),
     "model_type": HFField("str"),
     "vocab_size": HFField("int", min=1, required=True),
     "hidden_size": HFField("int", min=1, required=True),
@@ -402,7 +417,7 @@ HF_FIELDS: dict[str, HFField] = {
     "head_dim": HFField("int", min=1, nullable=True),
     "hidden_act": HFField("str"),
     "max_position_embeddings": HFField("int", min=1),
-    "initializer_range": HFField("number", min=0),
+    "initializer_range": HFField("number", min=0, max=1),
     "rms_norm_eps": HFField("number", positive=True),
     "use_cache": HFField("bool"),
     "pad_token_id": HFField("int", nullable=True),
@@ -427,8 +442,8 @@ HF_FIELDS: dict[str, HFField] = {
     "return_dict": HFField("bool", nullable=True),
     "is_encoder_decoder": HFField("bool"),
     "chunk_size_feed_forward": HFField("int", min=0),
-    "id2label": HFField("object", nullable=True),
-    "label2id": HFField("object", nullable=True),
+    "id2label": HFField("object", nullable=True, values="str"),
+    "label2id": HFField("object", nullable=True, values="id"),
     "problem_type": HFField("str", nullable=True),
 }
 

@@ -6,14 +6,16 @@ Layout (one Orbax ``CheckpointManager`` directory; step folders appear only once
         state/     Orbax PyTree: {step, params (trainable, flat), opt_state, rng}
         frozen/    Orbax PyTree: frozen params (flat); only with save_frozen=True
         data/      process_<i>-of-<n>.json: each process's data-iterator state (like grain's handler)
-        meta/      JSON: {step, trainable paths, frozen paths, process_count, ...}
+        meta/      JSON: {step, trainable paths, frozen paths, process_count, fingerprints, ...}
 
 Only Orbax writes checkpoint files (every process takes part, as Orbax requires on multi-host). Restores
 go straight into the target shardings (abstract ShapeDtypeStructs carry them).
 
 Every Orbax / TensorStore failure is caught where Orbax is called and becomes a :class:`CheckpointError`
 (an ``OutputError`` for a full disk or a read-only filesystem) naming the checkpoint directory, in one
-line. Handing a step to Orbax's background writer, waiting for it and closing the manager run with
+line. Orbax stores arrays without a checksum (a flipped byte in a data file can restore as other numbers,
+silently), so ``meta`` records a fingerprint of every saved array (:mod:`fusion_jax.utils.fingerprint`,
+computed on device, whatever the sharding) and a restore checks them. Handing a step to Orbax's background writer, waiting for it and closing the manager run with
 SIGINT/SIGTERM held (:func:`fusion_jax.utils.interrupt.deferred`): an interrupted run finishes the
 checkpoint in progress, so the same command resumes from it, and no writer outlives the process.
 """
@@ -32,6 +34,7 @@ from etils import epath
 
 from fusion_jax.errors import CheckpointError, FusionError, OutputError
 from fusion_jax.utils import interrupt, oserrors
+from fusion_jax.utils.fingerprint import check_fingerprints, flat_fingerprints
 from fusion_jax.utils.orbax_errors import quiet_orbax_noise, summarize
 
 
@@ -156,13 +159,17 @@ class Checkpointer:
         return step == last_step or (self.save_every > 0 and step % self.save_every == 0)
 
     def save(self, step: int, state: Any, data_state: Any = None, meta: dict | None = None) -> None:
+        tree = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng}
+        frozen = state.frozen if self.save_frozen and state.frozen else None
+        fps = {"state": flat_fingerprints(tree)}
+        if frozen is not None:
+            fps["frozen"] = flat_fingerprints(frozen)
         items = {
-            "state": ocp.args.StandardSave({"step": state.step, "params": state.params,
-                                            "opt_state": state.opt_state, "rng": state.rng}),
-            "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step))),
+            "state": ocp.args.StandardSave(tree),
+            "meta": ocp.args.JsonSave(dict(meta or {}, step=int(step), fingerprints=fps)),
         }
-        if self.save_frozen and state.frozen:
-            items["frozen"] = ocp.args.StandardSave(state.frozen)
+        if frozen is not None:
+            items["frozen"] = ocp.args.StandardSave(frozen)
         if data_state is not None:
             items["data"] = DataStateSave(data_state)
         # held signals: once Orbax has the arrays, its background writer must finish (or be awaited)
@@ -213,6 +220,12 @@ class Checkpointer:
         meta = r["meta"]
         if meta is not None and not isinstance(meta, dict):
             raise CheckpointError(f"{step_dir / 'meta'}: damaged checkpoint metadata (not a JSON object)")
+        fps = (meta or {}).get("fingerprints") or {}
+        if not isinstance(fps, dict):
+            raise CheckpointError(f"{step_dir / 'meta'}: damaged checkpoint metadata (fingerprints)")
+        for item, restored in (("state", s), ("frozen", r["frozen"] if "frozen" in items else None)):
+            if restored is not None and isinstance(fps.get(item), dict):
+                check_fingerprints(restored, fps[item], f"{step_dir / item}", f"{step_dir / 'meta'}")
         return state, (r["data"] if "data" in items else None), dict(meta or {})
 
     def wait(self) -> None:
