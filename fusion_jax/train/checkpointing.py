@@ -135,7 +135,8 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, save_every: int, keep: int = 3,
                  async_save: bool = True, save_frozen: bool = True):
         quiet_orbax_noise()
-        self.directory = os.path.abspath(os.fspath(directory))
+        # the real location: Orbax cannot create a directory below a symlink to one not made yet
+        self.directory = os.path.realpath(os.path.abspath(os.fspath(directory)))
         self.save_every = int(save_every)
         self.save_frozen = save_frozen
         options = ocp.CheckpointManagerOptions(

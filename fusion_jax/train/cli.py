@@ -61,11 +61,15 @@ def run_from_config(config: Any) -> int:
     if target is None:
         raise ConfigError(f"config.method: {method!r} is not a known method; known methods: "
                           f"{', '.join(sorted(METHODS))}")
-    from fusion_jax.utils.atomic import check_writable_dir
+    from fusion_jax.utils.atomic import check_writable_dir, resolve_output
     for option in OUTPUT_OPTIONS.get(str(method), ()):
         value = config.get(option) if hasattr(config, "get") else getattr(config, option, None)
         if value:
-            check_writable_dir(os.path.expanduser(str(value)), f"config.{option}")
+            path = os.path.expanduser(str(value))
+            check_writable_dir(path, f"config.{option}")
+            # created now, through a symlink that points to a directory not made yet, so that every
+            # writer below (Orbax, the metrics files) finds a directory there
+            os.makedirs(resolve_output(path), exist_ok=True)
     module_name, func_name = target.split(":")
     fn = getattr(importlib.import_module(module_name), func_name)
     status = fn(config)
