@@ -250,7 +250,8 @@ def signal_at(target: str, n: int, sig: int, when: str = "before") -> Iterator[l
     this process, before the call runs or after it returns (``when``). Yields a list that records the
     call count when the signal was sent (empty: the point was never reached)."""
     owner, name = _resolve(target)
-    raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    own = isinstance(owner, type) and name in owner.__dict__
+    raw = owner.__dict__[name] if own else getattr(owner, name)
     func = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
     counter = itertools.count(1)
     lock = threading.Lock()
@@ -274,7 +275,10 @@ def signal_at(target: str, n: int, sig: int, when: str = "before") -> Iterator[l
     try:
         yield fired
     finally:
-        setattr(owner, name, raw)
+        if isinstance(owner, type) and not own:
+            delattr(owner, name)  # an inherited method: uncover it again
+        else:
+            setattr(owner, name, raw)
 
 
 def subprocess_env(**extra) -> dict:

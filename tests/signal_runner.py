@@ -4,7 +4,9 @@ that a test can send a real signal from outside at a known moment (tests/hardeni
     python tests/signal_runner.py --pause module:Qual.name:N:FLAGFILE [--train] -- ARGV...
 
 At the N-th call of the target (made from the main thread) the runner creates FLAGFILE and sleeps
-(up to 120 s, in the main thread, where Python delivers signals), then carries on with the call.
+(up to 120 s, in the main thread, where Python delivers signals) until a signal comes, then carries on
+with the call. A signal that arrives inside a section where fusion-jax holds signals (an Orbax write in
+progress) ends the pause too: it is then raised when the section ends.
 """
 from __future__ import annotations
 
@@ -24,16 +26,17 @@ def _install_pause(spec: str) -> None:
     for p in parts[:-1]:
         owner = getattr(owner, p)
     name = parts[-1]
-    raw = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    raw = getattr(owner, name)  # (inherited methods too: the wrapper then shadows them on this class)
     counter = itertools.count(1)
 
     @functools.wraps(raw)
     def wrapper(*a, **k):
         if next(counter) == int(n):
             Path(flag).touch()
+            from fusion_jax.utils import interrupt
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 120:
-                time.sleep(0.02)  # the signal's handler raises here
+            while time.monotonic() - t0 < 120 and interrupt._state.pending is None:
+                time.sleep(0.02)  # the signal's handler raises here (or, held, sets pending)
         return raw(*a, **k)
 
     setattr(owner, name, wrapper)

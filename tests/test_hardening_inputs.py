@@ -636,3 +636,33 @@ def test_data_file_through_train_py(tmp_path, capfd, tmp_path_factory):
     o = H.train(argv, capfd)
     H.assert_clean_error(o, None, names=[bad], inputs=before)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("*.orbax*"))
+
+
+def test_damaged_orbax_in_a_real_process(orbax_ckpt, llama, tmp_path):
+    """In a real process (where Orbax's abandoned reads and writers used to print "Event loop is
+    closed" and "Exception ignored" tracebacks after the message, some at interpreter exit): several
+    damaged checkpoints (and, where a tmpfs can be mounted, a full disk) in a row, each exactly one line."""
+    import subprocess
+    import sys
+    cases = []
+    for name, damage in (("no_ocdbt", lambda d: shutil.rmtree(d / "params" / "ocdbt.process_0")),
+                         ("no_manifest", lambda d: (d / "params" / "manifest.ocdbt").unlink()),
+                         ("cut_data", lambda d: os.truncate(max((d / "params").rglob("d/*"),
+                                                                key=lambda p: p.stat().st_size), 100))):
+        d = _clone(orbax_ckpt, tmp_path / name)
+        damage(d)
+        cases.append(["convert", "orbax-to-hf", str(d), str(tmp_path / f"out_{name}")])
+    import contextlib
+    with contextlib.ExitStack() as stack:
+        if H.can_mount():
+            fs = stack.enter_context(H.tmpfs(tmp_path / "fs", "96k"))
+            cases.append(["convert", "hf-to-orbax", str(llama), str(fs / "out")])
+        code = ("import sys, json\nfrom fusion_jax.cli import main\n"
+                "for argv in json.loads(sys.argv[1]):\n    print('rc', main(argv), flush=True)\n")
+        p = subprocess.run([sys.executable, "-c", code, json.dumps(cases)], capture_output=True, text=True,
+                           cwd=H.REPO, env=H.subprocess_env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split().count("2") == len(cases), p.stdout
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == len(cases) and all(ln.startswith("error: ") for ln in lines), p.stderr[-4000:]
+    assert all(len(ln) < 1000 for ln in lines), "a message pastes TensorStore's spec"

@@ -58,6 +58,7 @@ class _State:
     deferring = 0          # nesting depth of deferred()
     pending: int | None = None
     extra = 0              # signals after the first one
+    notice: threading.Timer | None = None
 
 
 _state = _State()
@@ -77,8 +78,11 @@ def _handler(signum, frame):
         return
     if s.deferring:
         s.pending = signum  # raised when the critical section ends
-        print(f"\n{signal.Signals(signum).name}: stopping once the write in progress is complete",
-              file=sys.stderr, flush=True)
+        # say why nothing happens yet, unless the section ends within a second (the usual case)
+        s.notice = threading.Timer(1.0, print, (f"\n{signal.Signals(signum).name}: stopping once the write "
+                                                "in progress is complete",), {"file": sys.stderr, "flush": True})
+        s.notice.daemon = True
+        s.notice.start()
         return
     s.raised = bool(s.installed)
     raise Interrupted(signum)
@@ -140,6 +144,9 @@ def deferred() -> Iterator[None]:
             signal.signal(sig, own[sig])
         if _state.deferring == 0 and _state.pending is not None:
             signum, _state.pending = _state.pending, None
+            if _state.notice is not None:
+                _state.notice.cancel()
+                _state.notice = None
             _state.extra = 0
             if not (_state.installed and _state.raised):
                 _state.raised = bool(_state.installed)
