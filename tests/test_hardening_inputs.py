@@ -373,7 +373,6 @@ def test_orbax_checkpoint(part, orbax_ckpt, tmp_path, capfd, tmp_path_factory):
     else:
         f = "config.json"
         doc = json.loads((orbax_ckpt / f).read_text())
-        size = (orbax_ckpt / f).stat().st_size
         for p in H.truncation_points(orbax_ckpt / f):
             cases.run(f"truncate@{p}", orbax_ckpt, lambda d, p=p: os.truncate(d / f, p), argv, names=[lambda d: d / f])
         cases.run("utf16", orbax_ckpt, lambda d: H.damage_file(d / f, "utf16"), argv, names=[lambda d: d / f])
@@ -382,8 +381,8 @@ def test_orbax_checkpoint(part, orbax_ckpt, tmp_path, capfd, tmp_path_factory):
         for case, path, value in H.json_type_cases({"fusion_jax": block,
                                                     "num_hidden_layers": doc["num_hidden_layers"],
                                                     "rope_scaling": {"rope_type": "linear", "factor": 2.0}}):
-            new = H.with_value(dict(doc, rope_scaling=None), path, value) if path[0] != "rope_scaling" or len(path) == 1 \
-                else H.with_value(dict(doc, rope_scaling={"rope_type": "linear", "factor": 2.0}), path, value)
+            base = dict(doc, rope_scaling={"rope_type": "linear", "factor": 2.0} if len(path) > 1 else None)
+            new = H.with_value(base, path, value)
             cases.run(case, orbax_ckpt, lambda d, new=new: H.damage_file(d / f, "json", new), argv,
                       names=[lambda d: d / f, str(path[-1])], may_succeed=None if value is not None else same)
     cases.check()
@@ -544,7 +543,8 @@ def test_merge_yaml_field_types(case, path, value, merge_models, tmp_path, capfd
     before = H.snapshot(*(merge_models / m for m in ("base", "a", "b")))
     o = H.cli(["merge", cfg, out, "--quiet"], capfd)
     if o.rc == 0 and not rejected:
-        assert (out / "model.safetensors").is_file() and H.snapshot(*(merge_models / m for m in ("base", "a", "b"))) == before
+        assert (out / "model.safetensors").is_file()
+        assert H.snapshot(*(merge_models / m for m in ("base", "a", "b"))) == before
         return
     named = [[k for k in path if isinstance(k, str)][-1]] if rejected and value is not None else []
     H.assert_clean_error(o, out, names=named, inputs=before)
@@ -666,3 +666,38 @@ def test_damaged_orbax_in_a_real_process(orbax_ckpt, llama, tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == len(cases) and all(ln.startswith("error: ") for ln in lines), p.stderr[-4000:]
     assert all(len(ln) < 1000 for ln in lines), "a message pastes TensorStore's spec"
+
+
+# -- config.json read by the merger (its own reader, fusion_jax/merging/executor.py) ------------------
+def _cfg_damages():
+    def edit(**kw):
+        def f(d):
+            c = json.loads((d / "config.json").read_text())
+            for k, v in kw.items():
+                if v is ...:
+                    c.pop(k)
+                else:
+                    c[k] = v
+            (d / "config.json").write_text(json.dumps(c))
+        return f
+    merging = pytest.mark.xfail(strict=True, reason="merging engineer (fusion_jax/merging/executor.py "
+                                "_open_model reads config.json itself; fusion_jax.hf.read_config / "
+                                "ModelConfig.from_hf validate it key by key)")
+    return [
+        pytest.param("truncated", lambda d: os.truncate(d / "config.json", 30), id="truncated"),
+        pytest.param("utf16", lambda d: H.damage_file(d / "config.json", "utf16"), id="utf16", marks=merging),
+        pytest.param("list", lambda d: H.damage_file(d / "config.json", "json", [1]), id="list", marks=merging),
+        pytest.param("no_layers", edit(num_hidden_layers=...), id="no_layers", marks=merging),
+        pytest.param("str_hidden", edit(hidden_size="64"), id="str_hidden", marks=merging),
+        pytest.param("zero_heads", edit(num_attention_heads=0), id="zero_heads", marks=merging),
+    ]
+
+
+@pytest.mark.parametrize("name,damage", _cfg_damages())
+def test_config_json_through_dare(name, damage, llama, tmp_path, capfd, tmp_path_factory):
+    base = cached_tiny_hf_model(tmp_path_factory, "llama", seed=1, tokenizer=True)
+    d = _clone(llama, tmp_path / "ft")
+    damage(d)
+    before = H.snapshot(d, base)
+    o = H.cli(["dare", base, d, tmp_path / "out", "--drop", "0.5", "--quiet"], capfd)
+    H.assert_clean_error(o, tmp_path / "out", names=[d / "config.json"], inputs=before)

@@ -258,3 +258,11 @@ def test_ultrafuser_dtype_option_is_named_before_any_work():
     c.specialists.dtype = "float8"
     with pytest.raises(ConfigError, match=r"specialists\.dtype"):
         ucfg.validate(c)
+
+
+def test_ultrafuser_output_dir_a_file(tmp_path, capfd):
+    """The main job's ``output_dir`` is checked before any work (no zoo, no training)."""
+    f = tmp_path / "file"
+    f.write_text("x")
+    o = H.train(["--config=configs/ultrafuser.py:smoke", f"--config.output_dir={f}"], capfd)
+    H.assert_clean_error(o, None, names=["config.output_dir", f])

@@ -172,7 +172,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     pos = base
     for info in sorted(infos.values(), key=lambda t: (t.start, t.end)):
         if info.start != pos:
-            what = "overlaps the tensor before it" if info.start < pos else f"leaves a gap of {info.start - pos} bytes before it"
+            what = ("overlaps the tensor before it" if info.start < pos
+                    else f"leaves a gap of {info.start - pos} bytes before it")
             raise CorruptFileError(f"{path}: tensor {info.name!r} {what}: the header is damaged")
         pos = info.end
     if pos != size:

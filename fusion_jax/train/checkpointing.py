@@ -15,9 +15,10 @@ Every Orbax / TensorStore failure is caught where Orbax is called and becomes a 
 (an ``OutputError`` for a full disk or a read-only filesystem) naming the checkpoint directory, in one
 line. Orbax stores arrays without a checksum (a flipped byte in a data file can restore as other numbers,
 silently), so ``meta`` records a fingerprint of every saved array (:mod:`fusion_jax.utils.fingerprint`,
-computed on device, whatever the sharding) and a restore checks them. Handing a step to Orbax's background writer, waiting for it and closing the manager run with
-SIGINT/SIGTERM held (:func:`fusion_jax.utils.interrupt.deferred`): an interrupted run finishes the
-checkpoint in progress, so the same command resumes from it, and no writer outlives the process.
+computed on device, whatever the sharding) and a restore checks them. Handing a step to Orbax's
+background writer, waiting for it and closing the manager run with SIGINT/SIGTERM held
+(:func:`fusion_jax.utils.interrupt.deferred`): an interrupted run finishes the checkpoint in progress,
+so the same command resumes from it, and no writer outlives the process.
 """
 from __future__ import annotations
 

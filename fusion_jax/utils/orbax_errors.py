@@ -7,11 +7,12 @@
 * :func:`quiet_orbax_noise`: after a failed read Orbax closes its private event loop while other
   TensorStore reads are still in flight; when they finish, their done-callbacks hit the closed loop and
   Python prints ``RuntimeError: Event loop is closed`` tracebacks (as "unraisable" exceptions) after the
-  real error, sometimes at interpreter exit; the abandoned Orbax coroutines, when finalized, print
-  "Exception ignored in: <coroutine ...>" with the TensorStore spec (kilobytes). Orbax's writer threads also log every exception they
-  re-raise to the caller, with its traceback, at ERROR through absl. Both are dropped; everything else
-  passes through unchanged; so does asyncio's "Task exception was never retrieved" for the abandoned
-  Orbax tasks. (This module imports neither Orbax nor TensorStore.)
+  real error, sometimes at interpreter exit, and the abandoned Orbax coroutines, when finalized, print
+  "Exception ignored in: <coroutine ...>" with the TensorStore spec (kilobytes). Orbax also logs every
+  exception its threads hand back to the caller, with its traceback, at ERROR through absl, and asyncio
+  logs "Task exception was never retrieved" for the abandoned Orbax tasks. All of these are dropped
+  (the caller reports the error once); everything else passes through unchanged. (This module imports
+  neither Orbax nor TensorStore.)
 """
 from __future__ import annotations
 
