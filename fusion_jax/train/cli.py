@@ -72,7 +72,12 @@ def run_from_config(config: Any) -> int:
             os.makedirs(resolve_output(path), exist_ok=True)
     module_name, func_name = target.split(":")
     fn = getattr(importlib.import_module(module_name), func_name)
-    status = fn(config)
+    try:
+        status = fn(config)
+    except KeyboardInterrupt as e:
+        # the trainer finished the checkpoint it was writing (see train/checkpointing.py)
+        e.add_note("the checkpoints written so far are kept: run the same command to resume")
+        raise
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
