@@ -266,3 +266,15 @@ def test_ultrafuser_output_dir_a_file(tmp_path, capfd):
     f.write_text("x")
     o = H.train(["--config=configs/ultrafuser.py:smoke", f"--config.output_dir={f}"], capfd)
     H.assert_clean_error(o, None, names=["config.output_dir", f])
+
+
+def test_nested_atomic_directories(tmp_path):
+    """A writer that itself writes its output atomically into the temporary directory it was given (the
+    demo zoo's tokenizer does): the result is complete, with no marker or temporary left."""
+    from fusion_jax.utils.atomic import MARKER, atomic_directory
+    out = tmp_path / "out"
+    with atomic_directory(out, overwrite=True) as tmp:
+        with atomic_directory(tmp, overwrite=True) as inner:
+            (inner / "a.txt").write_text("a")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"] and not (out / MARKER).exists()

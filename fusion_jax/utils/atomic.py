@@ -171,7 +171,8 @@ def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False, *,
             _chmod_new(tmp, True)
         yield tmp
         with interrupt.deferred():  # the swap is two renames: do not stop between them
-            (tmp / MARKER).unlink()
+            # (missing when the block replaced tmp itself, e.g. a nested atomic_directory(tmp, overwrite))
+            (tmp / MARKER).unlink(missing_ok=True)
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
                 _write_marker(old)
