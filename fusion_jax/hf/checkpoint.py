@@ -1,7 +1,8 @@
 """Load and save HF (transformers) checkpoints of the Llama family, tensor by tensor.
 
 ``load(dir)`` -> ``(ModelConfig, params)`` where ``params`` is a NESTED DICT of ``jax.Array`` with the
-same structure as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (see ``.notes/MODEL_API.md``); put it
+same structure as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (the tree is described in
+``fusion_jax.models``' docstring; ``fusion_jax.hf.mapping`` maps each path to its HF tensor); put it
 into a model with ``load_model`` or ``nnx.replace_by_pure_dict(state, params); nnx.update(model, state)``.
 
 Reading never holds the model twice: for each param, every distinct shard this process's devices hold gets
@@ -17,7 +18,6 @@ import concurrent.futures
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from fusion_jax.errors import (CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError)
 from fusion_jax.hf import mapping
-from fusion_jax.hf.files import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
+from fusion_jax.hf.files import CONFIG_NAME, check_passthrough_files, copy_passthrough_files, read_json
 from fusion_jax.hf.safetensors_io import (INDEX_NAME, SafetensorsReader, ShardedWriter, TensorSpec,
                                           aligned_empty)
 from fusion_jax.models.config import ModelConfig, canonical_dtype
@@ -42,12 +42,7 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     f = p if p.is_file() else p / CONFIG_NAME
     if not f.is_file():
         raise CheckpointError(f"{f}: not found (an HF checkpoint directory needs a config.json)")
-    try:
-        hf = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{f}: cannot parse ({e})") from e
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{f}: not a JSON object")
+    hf = read_json(f, ConfigError)
     return ModelConfig.from_hf(hf, source=str(f), **overrides)
 
 
@@ -172,7 +167,7 @@ def validate(reader, config: ModelConfig, path: Path, *, allow_extra: bool = Fal
 # -- load ------------------------------------------------------------------------------------------
 def _resolve_dtype(reader, config: ModelConfig, param_dtype) -> np.dtype:
     if param_dtype is not None:
-        return np.dtype(jax.numpy.dtype(canonical_dtype(param_dtype)))
+        return np.dtype(jax.numpy.dtype(canonical_dtype(param_dtype, "param_dtype")))
     first = next(iter(mapping.hf_tensors(config)))[0]
     return np.dtype(reader.dtype(first))
 
@@ -202,7 +197,7 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
         validate(reader, config, path, allow_extra=allow_extra)
         pdt = _resolve_dtype(reader, config, param_dtype)
         pname = canonical_dtype(pdt)
-        config = config.replace(param_dtype=pname, dtype=canonical_dtype(dtype) if dtype else pname,
+        config = config.replace(param_dtype=pname, dtype=canonical_dtype(dtype, "dtype") if dtype else pname,
                                 **config_overrides)
         if mesh is not None and shardings is None:
             from fusion_jax.models import param_shardings
@@ -344,16 +339,18 @@ def _as_pure(params) -> Mapping:
 
 
 def save(params, config: ModelConfig, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-         source_dir: str | os.PathLike | None = None, dtype=None, overwrite: bool = False) -> Path:
+         source_dir: str | os.PathLike | None = None, dtype=None, overwrite: bool = False,
+         inputs=()) -> Path:
     """Write an HF checkpoint (safetensors shards + index, config.json, and from ``source_dir`` the
     generation config and tokenizer files) that ``transformers.AutoModelForCausalLM`` loads.
 
     ``params``: nested dict (as ``load`` returns), an ``nnx.State`` of Params, or a ``CausalLM``.
     ``dtype``: cast every tensor (e.g. "bf16"); default keeps each param's dtype.
-    Output goes to a temporary directory renamed to ``out_dir`` when complete.
+    Output goes to a temporary directory renamed to ``out_dir`` when complete; with ``overwrite`` it is
+    never an output that holds ``source_dir`` or one of ``inputs`` (replacing it would delete them).
     """
     params = _as_pure(params)
-    out_dt = np.dtype(jax.numpy.dtype(canonical_dtype(dtype))) if dtype is not None else None
+    out_dt = np.dtype(jax.numpy.dtype(canonical_dtype(dtype, "dtype"))) if dtype is not None else None
     specs = []
     for name, row, _ in mapping.hf_tensors(config):
         try:
@@ -369,14 +366,14 @@ def save(params, config: ModelConfig, out_dir: str | os.PathLike, *, max_shard_s
     src = Path(source_dir) if source_dir is not None else None
     if src is not None and not src.is_dir():
         raise CheckpointError(f"--source-dir {src}: no such directory")
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    if src is not None:
+        check_passthrough_files(src)  # before any tensor is written
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[src, *inputs]) as tmp:
         with ShardedWriter(tmp, specs, max_shard_size) as w:
             for name, t in mapping.params_to_hf(params, config, convert):
                 w.write(name, t)
         hf_cfg = config.to_hf(dtype=stored)
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if src is not None:
-            for fname in (GENERATION_CONFIG_NAME,) + TOKENIZER_FILES:
-                if (src / fname).is_file():
-                    shutil.copy2(src / fname, tmp / fname)
+            copy_passthrough_files(src, tmp)
     return Path(out_dir)

@@ -21,20 +21,32 @@ ARCHITECTURES = {
 }
 _MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+HIDDEN_ACTS = ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu")
 _DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "f32": "float32",
                 "bfloat16": "bfloat16", "bf16": "bfloat16",
                 "float16": "float16", "fp16": "float16", "f16": "float16"}
 
 
-def canonical_dtype(name: Any) -> str:
-    """'bf16' / 'bfloat16' / jnp.bfloat16 / np.dtype -> 'bfloat16' (likewise float32, float16)."""
+def canonical_dtype(name: Any, where: str | None = None) -> str:
+    """'bf16' / 'bfloat16' / jnp.bfloat16 / np.dtype -> 'bfloat16' (likewise float32, float16).
+
+    ``where`` names the option the value came from (``"specialists.dtype"``, ``"--dtype"``): the
+    ConfigError's message starts with it, and it is kept as the error's ``option`` attribute.
+    """
+    shown = name
     if not isinstance(name, str):
         import numpy as np
-        name = np.dtype(name).name
+        try:
+            name = np.dtype(name).name
+        except TypeError:
+            name = str(name)
     try:
         return _DTYPE_NAMES[name.lower().removeprefix("torch.")]
     except KeyError:
-        raise ConfigError(f"unsupported dtype {name!r} (expected float32, bfloat16 or float16)") from None
+        msg = f"unsupported dtype {shown!r} (expected float32, bfloat16 or float16)"
+        err = ConfigError(f"{where}: {msg}" if where else msg)
+        err.option = where
+        raise err from None
 
 
 def _freeze(d: Mapping | None) -> tuple | None:
@@ -85,7 +97,7 @@ class ModelConfig:
                               f"num_kv_heads={self.num_kv_heads}")
         object.__setattr__(self, "param_dtype", canonical_dtype(self.param_dtype))
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
-        if self.hidden_act not in ("silu", "swish", "gelu", "gelu_pytorch_tanh", "relu"):
+        if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"unsupported hidden_act {self.hidden_act!r}")
         if self.remat not in ("none", "full", "dots", "dots_no_batch", "minimal"):
             raise ConfigError(f"unsupported remat policy {self.remat!r}")
@@ -133,9 +145,25 @@ class ModelConfig:
     # -- HF ----------------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], *, source: str = "config.json", **overrides) -> "ModelConfig":
-        """Build from a config.json dict. ``source`` names the file in error messages."""
+        """Build from a config.json dict. ``source`` names the file in error messages.
+
+        Every key of :data:`HF_FIELDS` present is checked against its JSON type and range first, so a
+        string where a number belongs, zero attention heads or a ``rope_scaling`` that is not an object
+        is a :class:`ConfigError` naming the file and the key, never a traceback or a silent default.
+        """
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object at the top level, got {_describe(hf)}")
         hf = dict(hf)
+        for key, spec in HF_FIELDS.items():
+            if key in hf:
+                spec.check(hf[key], f"{source}: field {key!r}")
+        missing = [k for k, f in HF_FIELDS.items() if f.required and k not in hf]
+        if missing:
+            raise ConfigError(f"{source}: field {missing[0]!r} is missing (a decoder config needs "
+                              f"{', '.join(k for k, f in HF_FIELDS.items() if f.required)})")
         archs = hf.get("architectures") or []
+        if isinstance(archs, str):  # a bare name where transformers writes a one-element list
+            archs = [archs]
         model_type = hf.get("model_type")
         if archs:
             arch = archs[0]
@@ -144,52 +172,67 @@ class ModelConfig:
         else:
             arch = model_type
         if arch not in ARCHITECTURES:
+            key = "architectures" if archs else "model_type"
             raise UnknownArchitectureError(
-                f"{source}: architecture {arch!r} is not supported "
+                f"{source}: field {key!r}: architecture {arch!r} is not supported "
                 f"(supported: {', '.join(ARCHITECTURES)})")
         model_type = ARCHITECTURES[arch]
-        try:
-            D = int(hf["hidden_size"])
-            H = int(hf["num_attention_heads"])
-            kv = int(hf.get("num_key_value_heads") or H)
-            L = int(hf["num_hidden_layers"])
-            head_dim = int(hf.get("head_dim") or D // H)
-            kw: dict[str, Any] = dict(
-                architecture=arch, vocab_size=int(hf["vocab_size"]), hidden_size=D,
-                intermediate_size=int(hf["intermediate_size"]), num_layers=L, num_heads=H,
-                num_kv_heads=kv, head_dim=head_dim,
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen2" and False)),
-                hidden_act=hf.get("hidden_act", "silu"),
-                bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
-                pad_token_id=hf.get("pad_token_id"),
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"{source}: missing or invalid field {e}") from e
+        D = hf["hidden_size"]
+        H = hf["num_attention_heads"]
+        kv = hf.get("num_key_value_heads") or H
+        L = hf["num_hidden_layers"]
+        head_dim = hf.get("head_dim") or D // H
+        if not head_dim:
+            raise ConfigError(f"{source}: field 'hidden_size' ({D}) is smaller than field "
+                              f"'num_attention_heads' ({H}): no head_dim left")
+        if H % kv:
+            raise ConfigError(f"{source}: field 'num_attention_heads' ({H}) is not a multiple of field "
+                              f"'num_key_value_heads' ({kv})")
+        kw: dict[str, Any] = dict(
+            architecture=arch, vocab_size=hf["vocab_size"], hidden_size=D,
+            intermediate_size=hf["intermediate_size"], num_layers=L, num_heads=H,
+            num_kv_heads=kv, head_dim=head_dim,
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            hidden_act=hf.get("hidden_act", "silu"),
+            bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+            pad_token_id=hf.get("pad_token_id"),
+        )
+        if kw["hidden_act"] not in HIDDEN_ACTS:
+            raise ConfigError(f"{source}: field 'hidden_act': unsupported activation {kw['hidden_act']!r} "
+                              f"(supported: {', '.join(HIDDEN_ACTS)})")
         # rope: transformers>=5 "rope_parameters" (incl. rope_theta), else rope_theta + rope_scaling
         rp = dict(hf.get("rope_parameters") or {})
         rs = dict(hf.get("rope_scaling") or {})
-        theta = rp.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+        theta = rp.pop("rope_theta", None)
+        if theta is None:
+            theta = hf.get("rope_theta")
         scaling = {**rs, **rp}
         if "type" in scaling and "rope_type" not in scaling:
             scaling["rope_type"] = scaling.pop("type")
         scaling.pop("type", None)
         if scaling.get("rope_type", "default") == "default":
             scaling = {}
-        kw["rope_theta"] = float(theta)
+        if scaling.get("rope_type") not in (None,) + ROPE_TYPES:
+            raise ConfigError(f"{source}: field {'rope_parameters' if 'rope_parameters' in hf else 'rope_scaling'!r}: "
+                              f"unsupported rope type {scaling['rope_type']!r} (supported: {', '.join(ROPE_TYPES)})")
+        kw["rope_theta"] = float(theta) if theta is not None else 10000.0
         kw["rope_scaling"] = _freeze(scaling)
         if model_type == "qwen2":
             kw["attention_bias"] = True
             use_sw = bool(hf.get("use_sliding_window", False))
             sw = hf.get("sliding_window") if use_sw else None
             if sw is not None:
-                kw["sliding_window"] = int(sw)
+                kw["sliding_window"] = sw
                 layer_types = hf.get("layer_types")
                 if layer_types:
+                    if len(layer_types) != L:
+                        raise ConfigError(f"{source}: field 'layer_types' has {len(layer_types)} entries for "
+                                          f"{L} layers (field 'num_hidden_layers')")
                     flags = tuple(t == "sliding_attention" for t in layer_types)
                 else:
-                    mwl = int(hf.get("max_window_layers", L))
+                    mwl = hf.get("max_window_layers", L)
                     flags = tuple(i >= mwl for i in range(L))
                 if not any(flags):
                     kw["sliding_window"] = None
@@ -202,19 +245,14 @@ class ModelConfig:
             kw["mlp_bias"] = bool(hf.get("mlp_bias", False))
             # MistralConfig's default is 4096 when config.json has no sliding_window key at all
             sw = hf.get("sliding_window", 4096) if model_type == "mistral" else None
-            kw["sliding_window"] = int(sw) if sw is not None else None
+            kw["sliding_window"] = sw
         dt = hf.get("dtype") or hf.get("torch_dtype")
         if dt is not None:
             try:
                 kw["param_dtype"] = kw["dtype"] = canonical_dtype(str(dt))
             except ConfigError:
-                pass
-        known = {"architectures", "model_type", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                 "num_hidden_layers", "head_dim", "vocab_size", "intermediate_size", "rms_norm_eps",
-                 "max_position_embeddings", "tie_word_embeddings", "hidden_act", "bos_token_id",
-                 "eos_token_id", "pad_token_id", "rope_parameters", "rope_scaling", "rope_theta",
-                 "attention_bias", "mlp_bias", "sliding_window", "use_sliding_window", "max_window_layers",
-                 "layer_types", "dtype", "torch_dtype", "transformers_version"}
+                pass  # a dtype we do not compute in (float64, float8...): the tensors' own dtype decides
+        known = set(HF_FIELDS) | {"rope_theta"}
         extra = {k: v for k, v in hf.items() if k not in known and _hashable_json(v)}
         kw["extra_hf"] = _freeze(extra)
         kw.update(overrides)
@@ -266,3 +304,156 @@ class ModelConfig:
 def _hashable_json(v) -> bool:
     return isinstance(v, (str, int, float, bool, type(None))) or (
         isinstance(v, list) and all(isinstance(x, (str, int, float, bool, type(None))) for x in v))
+
+
+# -- config.json schema ------------------------------------------------------------------------------
+def _describe(v: Any) -> str:
+    """A JSON value as a user reads it in the file: 'the string "64"', 'a list', 'null'..."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return f"the boolean {str(v).lower()}"
+    if isinstance(v, (int, float)):
+        return f"the number {v!r}"
+    if isinstance(v, str):
+        return f"the string {v!r}"
+    if isinstance(v, list):
+        return "a list"
+    if isinstance(v, Mapping):
+        return "an object"
+    return type(v).__name__
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    import math
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFField:
+    """The JSON values one config.json key may hold (transformers' own annotations, plus ranges)."""
+
+    kind: str                      # int | number | bool | str | object | token_ids | names | arch | dtype
+    nullable: bool = False
+    min: float | None = None       # inclusive lower bound for int / number
+    max: float | None = None       # inclusive upper bound for number
+    positive: bool = False         # number > 0
+    required: bool = False
+    values: str | None = None      # object: "str" (every value a string) or "id" (an int or a string)
+
+    def describe(self) -> str:
+        what = {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+                "object": "an object", "token_ids": "a token id or a list of token ids",
+                "names": "a list of names", "arch": "a list of architecture names",
+                "dtype": "a dtype name such as \"bfloat16\""}[self.kind]
+        if self.kind == "int" and self.min is not None:
+            what = f"an integer >= {int(self.min)}"
+        elif self.kind == "number" and self.positive:
+            what = "a number > 0"
+        elif self.kind == "number" and self.min is not None and self.max is not None:
+            what = f"a number from {self.min:g} to {self.max:g}"
+        elif self.kind == "number" and self.min is not None:
+            what = f"a number >= {self.min:g}"
+        elif self.kind == "object" and self.values == "str":
+            what = "an object of strings"
+        return what + (" or null" if self.nullable else "")
+
+    def ok(self, v: Any) -> bool:
+        if v is None:
+            return self.nullable
+        if self.kind == "int":
+            return _is_int(v) and (self.min is None or v >= self.min)
+        if self.kind == "number":
+            return (_is_number(v) and (self.min is None or v >= self.min) and (self.max is None or v <= self.max)
+                    and (not self.positive or v > 0))
+        if self.kind == "bool":
+            return isinstance(v, bool)
+        if self.kind == "str":
+            return isinstance(v, str)
+        if self.kind == "object":
+            if self.values == "str":
+                return isinstance(v, Mapping) and all(isinstance(x, str) for x in v.values())
+            if self.values == "id":
+                return isinstance(v, Mapping) and all(isinstance(x, str) or _is_int(x) for x in v.values())
+            return isinstance(v, Mapping)
+        if self.kind == "token_ids":
+            return _is_int(v) or (isinstance(v, list) and all(_is_int(x) for x in v))
+        if self.kind == "names":
+            return isinstance(v, list) and all(isinstance(x, str) and x for x in v)
+        if self.kind == "arch":  # transformers writes a list; a bare name is read as a list of one
+            return (isinstance(v, str) and bool(v)) or (isinstance(v, list) and all(isinstance(x, str) and x
+                                                                                    for x in v))
+        if self.kind == "dtype":
+            return isinstance(v, str) and v.lower().removeprefix("torch.") in _KNOWN_DTYPE_NAMES
+        raise AssertionError(self.kind)
+
+    def check(self, v: Any, where: str) -> None:
+        if not self.ok(v):
+            raise ConfigError(f"{where}: expected {self.describe()}, got {_describe(v)}")
+        if self.kind == "object" and v is not None:
+            for key, sub in ROPE_FIELDS.items():
+                if key in v:
+                    sub.check(v[key], f"{where}.{key}")
+
+
+_KNOWN_DTYPE_NAMES = set(_DTYPE_NAMES) | {"float64", "double", "half", "float", "bool", "int8", "uint8",
+                                         "int16", "int32", "int64", "float8_e4m3fn", "float8_e5m2", "auto"}
+
+#: Every config.json key of the Llama / Mistral / Qwen2 configs (transformers' annotations), with the
+#: values accepted. Keys not listed are kept as they are (``extra_hf``) when they hold plain JSON.
+HF_FIELDS: dict[str, HFField] = {
+    "architectures": HFField("arch", nullable=True),
+    "model_type": HFField("str"),
+    "vocab_size": HFField("int", min=1, required=True),
+    "hidden_size": HFField("int", min=1, required=True),
+    "intermediate_size": HFField("int", min=1, required=True),
+    "num_hidden_layers": HFField("int", min=1, required=True),
+    "num_attention_heads": HFField("int", min=1, required=True),
+    "num_key_value_heads": HFField("int", min=1, nullable=True),
+    "head_dim": HFField("int", min=1, nullable=True),
+    "hidden_act": HFField("str"),
+    "max_position_embeddings": HFField("int", min=1),
+    "initializer_range": HFField("number", min=0, max=1),
+    "rms_norm_eps": HFField("number", positive=True),
+    "use_cache": HFField("bool"),
+    "pad_token_id": HFField("int", nullable=True),
+    "bos_token_id": HFField("int", nullable=True),
+    "eos_token_id": HFField("token_ids", nullable=True),
+    "pretraining_tp": HFField("int", min=1, nullable=True),
+    "tie_word_embeddings": HFField("bool"),
+    "rope_theta": HFField("number", positive=True),
+    "rope_scaling": HFField("object", nullable=True),
+    "rope_parameters": HFField("object", nullable=True),
+    "attention_bias": HFField("bool"),
+    "attention_dropout": HFField("number", min=0, nullable=True),
+    "mlp_bias": HFField("bool"),
+    "sliding_window": HFField("int", min=1, nullable=True),
+    "use_sliding_window": HFField("bool"),
+    "max_window_layers": HFField("int", min=0),
+    "layer_types": HFField("names", nullable=True),
+    "dtype": HFField("dtype", nullable=True),
+    "torch_dtype": HFField("dtype", nullable=True),
+    "transformers_version": HFField("str", nullable=True),
+    "output_hidden_states": HFField("bool", nullable=True),
+    "return_dict": HFField("bool", nullable=True),
+    "is_encoder_decoder": HFField("bool"),
+    "chunk_size_feed_forward": HFField("int", min=0),
+    "id2label": HFField("object", nullable=True, values="str"),
+    "label2id": HFField("object", nullable=True, values="id"),
+    "problem_type": HFField("str", nullable=True),
+}
+
+#: Keys inside ``rope_scaling`` / ``rope_parameters``.
+ROPE_FIELDS: dict[str, HFField] = {
+    "rope_type": HFField("str"),
+    "type": HFField("str"),
+    "rope_theta": HFField("number", positive=True),
+    "factor": HFField("number", positive=True),
+    "low_freq_factor": HFField("number", positive=True),
+    "high_freq_factor": HFField("number", positive=True),
+    "original_max_position_embeddings": HFField("int", min=1),
+}

@@ -1,7 +1,8 @@
 """The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) in Flax NNX, numerically as transformers.
 
 Parameters of all decoder layers are STACKED along a leading ``layers`` axis (one layout whether or not
-``config.scan_layers`` runs the stack under ``jax.lax.scan``); see ``MODEL_API.md`` for the tree. Each
+``config.scan_layers`` runs the stack under ``jax.lax.scan``); the tree is listed in ``fusion_jax.models``'
+docstring. Each
 ``nnx.Param`` carries its logical axis names as ``out_sharding`` metadata (``out_sharding=`` at
 construction, ``eager_sharding=False``), so ``nnx.get_partition_spec(nnx.state(model, nnx.Param))`` gives
 logical ``PartitionSpec``s for a rules table to map onto a mesh.
