@@ -248,9 +248,6 @@ def test_dtype_errors_name_the_option(inputs, tmp_path, capfd):
     H.assert_clean_error(o, tmp_path / "out", names=["--dtype", "float8"])
 
 
-@pytest.mark.xfail(strict=True, reason="lead (fusion_jax/ultrafuser/config.py validate()): check "
-                   "specialists.dtype / param_dtype with canonical_dtype(value, 'specialists.dtype') so the "
-                   "error names the option before the zoo is built")
 def test_ultrafuser_dtype_option_is_named_before_any_work():
     from fusion_jax.errors import ConfigError
     from fusion_jax.ultrafuser import config as ucfg
