@@ -14,6 +14,7 @@ it is transferred and freed. Peak host memory on one device is therefore the par
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
@@ -106,6 +107,11 @@ class _TorchBinReader:
         out[...] = t
         return out
 
+    def add_view(self, name: str, source: str, index: tuple) -> None:
+        """Make ``name`` read ``source[index]`` (see ``mapping.View``)."""
+        self._tensors[name] = self._tensors[source][index]
+        self._file[name] = self._file[source]
+
     def close(self):
         self._tensors.clear()
 
@@ -123,10 +129,40 @@ def _open_reader(path: Path):
     if path.is_file() or (path / INDEX_NAME).is_file() or any(path.glob("*.safetensors")):
         r = SafetensorsReader(path)
         r.file_of = lambda name, _r=r: _r.tensors[name].file
+        r.add_view = lambda name, source, index, _r=r: _add_safetensors_view(_r, name, source, index)
         return r
     if (path / _BIN_INDEX).is_file() or any(path.glob("pytorch_model*.bin")):
         return _TorchBinReader(path)
     raise CheckpointError(f"{path}: no model.safetensors / *.safetensors or pytorch_model*.bin weights found")
+
+
+def _add_safetensors_view(reader: SafetensorsReader, name: str, source: str, index: tuple) -> None:
+    """Register ``name`` as the contiguous byte range ``source[index]`` (ints on leading axes, then at most
+    one slice): reads of ``name`` then cost exactly its own bytes."""
+    info = reader.info(source)
+    strides = [int(np.prod(info.shape[k + 1:], dtype=np.int64)) * info.dtype.itemsize
+               for k in range(len(info.shape))]
+    offset, shape = 0, list(info.shape)
+    for k, ix in enumerate(index):
+        if isinstance(ix, slice):
+            a, b, _ = ix.indices(info.shape[k])
+            offset += a * strides[k]
+            shape = [b - a] + list(info.shape[k + 1:])
+            break
+        offset += int(ix) * strides[k]
+        shape = list(info.shape[k + 1:])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * info.dtype.itemsize
+    reader.tensors[name] = dataclasses.replace(info, name=name, shape=tuple(shape), start=info.start + offset,
+                                               end=info.start + offset + nbytes)
+
+
+def _install_views(reader, config: ModelConfig) -> None:
+    """Let the reader serve every tensor the checkpoint stores in another spelling (``mapping.VIEWS``,
+    e.g. transformers 5's fused experts) under the name our table uses; remember the sources consumed."""
+    views = mapping.view_slices(config, lambda n: n in reader)
+    for name, (source, index) in views.items():
+        reader.add_view(name, source, index)
+    reader.view_sources = {source for source, _ in views.values()}
 
 
 def _where(reader, path: Path) -> str:
@@ -159,8 +195,9 @@ def validate(reader, config: ModelConfig, path: Path, *, allow_extra: bool = Fal
     ignored = [re.compile(p) for p in mapping.IGNORED_PATTERNS]
     if config.tie_word_embeddings:
         ignored.append(re.compile(r"lm_head\.weight"))
+    consumed = getattr(reader, "view_sources", set())
     extra = [n for n in reader.names()
-             if n not in expected and not any(p.fullmatch(n) for p in ignored)]
+             if n not in expected and n not in consumed and not any(p.fullmatch(n) for p in ignored)]
     if extra:
         raise CheckpointError(
             f"{len(extra)} unexpected tensor(s) in {reader.file_of(extra[0])}"
@@ -197,6 +234,7 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
     config = read_config(path)
     reader = _open_reader(path)
     try:
+        _install_views(reader, config)
         validate(reader, config, path, allow_extra=allow_extra)
         pdt = _resolve_dtype(reader, config, param_dtype)
         pname = canonical_dtype(pdt)
@@ -295,13 +333,12 @@ def _load_param(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype,
                  for d, idx in sharding.addressable_devices_indices_map(shape).items()}
     boxes = list(dict.fromkeys(dev_boxes.values()))
     bufs = {box: aligned_empty(tuple(b - a for a, b in box), dt) for box in boxes}
-    if row.stacked:
-        for i in range(config.num_layers):
-            targets = [(bufs[box][i - box[0][0]], box[1:]) for box in boxes if box[0][0] <= i < box[0][1]]
-            if targets:
-                _read_tensor_into(reader, row.hf_name(i), targets, row.transpose, dt)
-    else:
-        _read_tensor_into(reader, row.hf_name(), [(bufs[box], box) for box in boxes], row.transpose, dt)
+    ns = len(row.stack_shape(config))  # leading dims indexing HF tensors: layer (and expert)
+    for idx in np.ndindex(*shape[:ns]):
+        targets = [(bufs[box][tuple(i - r[0] for i, r in zip(idx, box))], box[ns:]) for box in boxes
+                   if all(r[0] <= i < r[1] for i, r in zip(idx, box))]
+        if targets:
+            _read_tensor_into(reader, row.hf_name(*idx), targets, row.transpose, dt)
     arrays, used = [], set()
     for device, box in dev_boxes.items():
         buf = bufs[box]
