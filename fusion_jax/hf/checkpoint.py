@@ -206,6 +206,23 @@ def validate(reader, config: ModelConfig, path: Path, *, allow_extra: bool = Fal
             f"(wrong config.json, or a different architecture?)")
 
 
+def open_checkpoint(path: str | os.PathLike):
+    """``(ModelConfig, reader)`` of an HF checkpoint directory, validated (every tensor present with its
+    shape); ``reader.get(hf_name)`` reads one tensor (in HF layout, dtype as stored). Close the reader."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    config = read_config(path)
+    reader = _open_reader(path)
+    try:
+        _install_views(reader, config)
+        validate(reader, config, path)
+    except BaseException:
+        reader.close()
+        raise
+    return config, reader
+
+
 # -- load ------------------------------------------------------------------------------------------
 def _resolve_dtype(reader, config: ModelConfig, param_dtype) -> np.dtype:
     if param_dtype is not None:
@@ -398,14 +415,26 @@ def save(params, config: ModelConfig, out_dir: str | os.PathLike, *, max_shard_s
         specs.append(TensorSpec(name, row.hf_shape(config), out_dt or np.dtype(leaf.dtype)))
     stored = canonical_dtype(out_dt if out_dt is not None else specs[0].dtype)
     convert = (lambda t: t.astype(out_dt)) if out_dt is not None else None
+    return write_checkpoint(out_dir, config, specs, mapping.params_to_hf(params, config, convert),
+                            stored_dtype=stored, max_shard_size=max_shard_size, source_dir=source_dir,
+                            overwrite=overwrite)
+
+
+def write_checkpoint(out_dir: str | os.PathLike, config: ModelConfig, specs: list[TensorSpec], tensors,
+                     *, stored_dtype: str, max_shard_size: int | str = "5GB",
+                     source_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write an HF checkpoint from ``tensors`` (an iterable of ``(hf_name, numpy array)`` in any order,
+    exactly the ``specs``): shards + index, config.json (``config.to_hf(stored_dtype)``), and from
+    ``source_dir`` the generation config and tokenizer files, into a temporary directory renamed to
+    ``out_dir`` when complete. Memory: one tensor at a time."""
     src = Path(source_dir) if source_dir is not None else None
     if src is not None and not src.is_dir():
         raise CheckpointError(f"--source-dir {src}: no such directory")
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         with ShardedWriter(tmp, specs, max_shard_size) as w:
-            for name, t in mapping.params_to_hf(params, config, convert):
+            for name, t in tensors:
                 w.write(name, t)
-        hf_cfg = config.to_hf(dtype=stored)
+        hf_cfg = config.to_hf(dtype=stored_dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if src is not None:
             for fname in (GENERATION_CONFIG_NAME,) + TOKENIZER_FILES:
