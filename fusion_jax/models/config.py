@@ -427,7 +427,7 @@ class ModelConfig:
                     "decoder_sparse_step": 1, "mlp_only_layers": []}
         return {"base_architecture": self.base_architecture, "num_experts": self.num_experts,
                 "num_experts_per_tok": self.num_experts_per_tok,
-                "moe_intermediate_size": self.expert_intermediate_size, "router": self.router,
+                "moe_intermediate_size": self.moe_intermediate_size, "router": self.router,
                 "norm_topk_prob": self.norm_topk_prob,
                 "shared_expert_intermediate_size": self.shared_expert_intermediate_size,
                 "router_noise": self.router_noise, "router_noise_eps": self.router_noise_eps,

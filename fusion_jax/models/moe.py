@@ -32,9 +32,9 @@ depend on the device count (the reference computes it per device and micro-batch
 Dispatch (``grouped_ffn``) never builds a [tokens, experts, capacity] one-hot and drops no token (no
 capacity limit, as XFT's UniversalCalculator): the N*A (token, expert) assignments are sorted by expert,
 each expert's group is padded to a multiple of a block of rows, the tokens are gathered into that padded
-order, and the three FFN matmuls run per block against that block's expert (``_gmm``: a scan over blocks
-that skips the empty padding blocks; its backward is written out so the weight gradient is accumulated in
-place per expert), then outputs are scaled by their weights and scatter-added back to their tokens. Memory
+order, and each block runs its expert's whole FFN (``_ffn_blocks``: one scan over the blocks that skips
+the padding blocks; its backward is one more scan, written out so that the weight gradients accumulate in
+place in their expert's slot), then outputs are scaled by their weights and scatter-added to their tokens. Memory
 is O(N*A*(D+F)), compute that of the chosen experts plus at most one block of padding per expert. On GPU /
 TPU ``jax.lax.ragged_dot`` (native grouped GEMM) replaces the block scan; on CPU ragged_dot's fallback
 expands to a dense [E, rows, D] product, which is exactly what we avoid.
@@ -50,6 +50,7 @@ the global batch. Without a mesh the same code runs on one device (or under plai
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -152,56 +153,71 @@ def route(c: ModelConfig, p: dict, x: jax.Array, key: jax.Array | None) -> Routi
     return Routing(experts=experts, weights=weights, balance=balance, load=counts / N)
 
 
-# -- grouped matmul over padded expert blocks ------------------------------------------------------
-def _block_dot(x, w, transpose_w: bool):
-    return jnp.einsum("bk,mk->bm" if transpose_w else "bk,km->bm", x, w)
+# -- the experts' FFN over padded expert blocks (CPU) --------------------------------------------------
+def _zeros_like_block(x, width):
+    return jnp.zeros((x.shape[0], width), x.dtype)
 
 
-def _gmm_scan(xb, w, block_expert, active, transpose_w: bool = False):
-    """``ys[j] = xb[j] @ w[block_expert[j]]`` for active blocks, zeros for the others. xb [nb, b, K]."""
-    out_dim = w.shape[1] if transpose_w else w.shape[2]
+def _ffn_blocks_scan(act, xb, wg, wu, wd, block_expert, active):
+    """For each active block j (rows of one expert e = block_expert[j]): y = (act(x Wg[e]) * x Wu[e]) Wd[e];
+    skipped (zeros) for the padding blocks. Returns y and the pre-activations g, u (the backward's)."""
+    F, D = wd.shape[1], wd.shape[2]
 
     def body(_, inp):
         x, e, a = inp
-        y = jax.lax.cond(a, lambda: _block_dot(x, w[e], transpose_w),
-                         lambda: jnp.zeros((x.shape[0], out_dim), x.dtype))
-        return None, y
+
+        def run():
+            g, u = x @ wg[e], x @ wu[e]
+            return (act(g) * u) @ wd[e], g, u
+
+        def skip():
+            return _zeros_like_block(x, D), _zeros_like_block(x, F), _zeros_like_block(x, F)
+        return None, jax.lax.cond(a, run, skip)
 
     return jax.lax.scan(body, None, (xb, block_expert, active))[1]
 
 
-def _tgmm_scan(xb, dyb, block_expert, active, w_shape, dtype):
-    """``dw[e] = sum over e's blocks of xb[j].T @ dyb[j]``, accumulated in place (at least float32)."""
-    acc = jnp.promote_types(dtype, jnp.float32)
-
-    def body(dw, inp):
-        x, dy, e, a = inp
-        dw = jax.lax.cond(a, lambda: dw.at[e].add(jnp.einsum("bk,bm->km", x, dy, preferred_element_type=acc)),
-                          lambda: dw)
-        return dw, None
-
-    dw = jax.lax.scan(body, jnp.zeros(w_shape, acc), (xb, dyb, block_expert, active))[0]
-    return dw.astype(dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ffn_blocks(act, xb, wg, wu, wd, block_expert, active):
+    return _ffn_blocks_scan(act, xb, wg, wu, wd, block_expert, active)[0]
 
 
-@jax.custom_vjp
-def _gmm(xb, w, block_expert, active):
-    return _gmm_scan(xb, w, block_expert, active)
+def _ffn_blocks_fwd(act, xb, wg, wu, wd, block_expert, active):
+    y, g, u = _ffn_blocks_scan(act, xb, wg, wu, wd, block_expert, active)
+    return y, (xb, wg, wu, wd, block_expert, active, g, u)
 
 
-def _gmm_fwd(xb, w, block_expert, active):
-    return _gmm_scan(xb, w, block_expert, active), (xb, w, block_expert, active)
+def _ffn_blocks_bwd(act, res, dy):
+    """One scan over the blocks: each block's input and weight gradients, the weight gradients summed
+    in place into their expert's slot (at least float32), padding blocks skipped."""
+    xb, wg, wu, wd, block_expert, active, g, u = res
+    acc = jnp.promote_types(wg.dtype, jnp.float32)
+    mm = functools.partial(jnp.einsum, preferred_element_type=acc)
+
+    def body(dws, inp):
+        x, gb, ub, dyb, e, a = inp
+
+        def run(dws):
+            dwg, dwu, dwd = dws
+            h, h_vjp = jax.vjp(lambda g_, u_: act(g_) * u_, gb, ub)
+            dh = jnp.einsum("bd,fd->bf", dyb, wd[e])
+            dg, du = h_vjp(dh)
+            dx = jnp.einsum("bf,df->bd", dg, wg[e]) + jnp.einsum("bf,df->bd", du, wu[e])
+            return (dwg.at[e].add(mm("bd,bf->df", x, dg)), dwu.at[e].add(mm("bd,bf->df", x, du)),
+                    dwd.at[e].add(mm("bf,bd->fd", h, dyb))), dx
+
+        def skip(dws):
+            return dws, jnp.zeros_like(x)
+        return jax.lax.cond(a, run, skip, dws)
+
+    zeros = tuple(jnp.zeros(w.shape, acc) for w in (wg, wu, wd))
+    (dwg, dwu, dwd), dx = jax.lax.scan(body, zeros, (xb, g, u, dy, block_expert, active))
+    float0 = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731 - integer / bool inputs
+    return (dx, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype), float0(block_expert),
+            float0(active))
 
 
-def _gmm_bwd(res, dy):
-    xb, w, block_expert, active = res
-    dx = _gmm_scan(dy, w, block_expert, active, transpose_w=True)
-    dw = _tgmm_scan(xb, dy, block_expert, active, w.shape, w.dtype)
-    zero = lambda a: np.zeros(a.shape, jax.dtypes.float0)  # noqa: E731 - integer / bool inputs
-    return dx, dw, zero(block_expert), zero(active)
-
-
-_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+_ffn_blocks.defvjp(_ffn_blocks_fwd, _ffn_blocks_bwd)
 
 
 @dataclasses.dataclass
@@ -245,15 +261,6 @@ def _plan(experts: jax.Array, weights: jax.Array, num_groups: int, block: int) -
     return _Plan(row_token, row_weight, padded, jnp.minimum(block_expert, G - 1), active, b)
 
 
-def _matmul(xs, w, plan: _Plan, impl: str):
-    """[P, K] rows in the plan's layout times their expert's [K, M] matrix."""
-    if impl == "ragged_dot":
-        return jax.lax.ragged_dot(xs, w, plan.group_sizes)
-    nb = xs.shape[0] // plan.block
-    yb = _gmm(xs.reshape(nb, plan.block, xs.shape[1]), w, plan.block_expert, plan.active)
-    return yb.reshape(xs.shape[0], w.shape[2])
-
-
 def default_impl() -> str:
     """``ragged_dot`` where XLA has a grouped GEMM (GPU, TPU), else the block scan."""
     return "ragged_dot" if jax.default_backend() in ("gpu", "tpu") else "blocks"
@@ -269,8 +276,14 @@ def grouped_ffn(x, experts, weights, wg, wu, wd, act: Callable, *, block: int = 
     N, D = x.shape
     plan = _plan(experts, weights, wg.shape[0], block)
     xs = jnp.take(x, plan.row_token, axis=0, mode="fill", fill_value=0)
-    h = act(_matmul(xs, wg, plan, impl)) * _matmul(xs, wu, plan, impl)
-    ys = _matmul(h, wd, plan, impl) * plan.row_weight[:, None].astype(x.dtype)
+    if impl == "ragged_dot":
+        h = act(jax.lax.ragged_dot(xs, wg, plan.group_sizes)) * jax.lax.ragged_dot(xs, wu, plan.group_sizes)
+        ys = jax.lax.ragged_dot(h, wd, plan.group_sizes)
+    else:
+        nb = xs.shape[0] // plan.block
+        ys = _ffn_blocks(act, xs.reshape(nb, plan.block, D), wg, wu, wd, plan.block_expert, plan.active)
+        ys = ys.reshape(xs.shape[0], D)
+    ys = ys * plan.row_weight[:, None].astype(x.dtype)
     return jnp.zeros((N, D), x.dtype).at[plan.row_token].add(ys, mode="drop")
 
 
