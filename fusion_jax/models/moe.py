@@ -237,8 +237,10 @@ def _plan(experts: jax.Array, weights: jax.Array, num_groups: int, block: int) -
     N, A = experts.shape
     M = N * A
     G = num_groups
-    # a block no taller than the average group keeps tiny batches from paying for big empty blocks
-    b = int(min(block, max(8, -(-M // G + 7) // 8 * 8)))
+    # a block no taller than the average group (rounded up to 8 rows) keeps small batches from paying
+    # for big, mostly empty blocks
+    avg = -(-M // G)
+    b = int(min(block, max(8, (avg + 7) // 8 * 8)))
     P_rows = -(-(M + G * (b - 1)) // b) * b          # every group padded to b rows still fits
     flat = jnp.minimum(experts.reshape(M), G)         # G = "not on this device"
     sizes = jnp.zeros((G + 1,), jnp.int32).at[flat].add(1)
