@@ -172,6 +172,7 @@ class ModelConfig:
         if arch == "Qwen2MoeForCausalLM" and (self.router != "softmax" or not self.shared_expert_intermediate_size):
             raise ConfigError("Qwen2MoeForCausalLM holds a softmax router and a shared expert "
                               "(shared_expert_intermediate_size > 0); save other MoEs as FusionMoeForCausalLM")
+
     # -- derived -----------------------------------------------------------------------------------
     @property
     def rope_scaling_dict(self) -> dict:
@@ -219,10 +220,6 @@ class ModelConfig:
     def has_shared_expert(self) -> bool:
         """A separate (Qwen2-MoE style) shared expert, not XFT's expert 0."""
         return self.is_moe and self.shared_expert_intermediate_size > 0
-
-    @property
-    def dense_ffn(self) -> bool:
-        return not self.is_moe
 
     def layer_windows(self) -> tuple[int | None, ...]:
         """Sliding window per layer (None = full attention)."""
