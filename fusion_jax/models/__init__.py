@@ -29,6 +29,10 @@ every decoder layer's params are STACKED on a leading ``L`` axis; kernels are ``
     final_norm/scale                [D]
     lm_head/kernel                  [D, V]           (absent with tie_word_embeddings)
 
+An MoE config (``config.is_moe``: :mod:`fusion_jax.models.moe`) replaces ``layers/mlp/*`` by stacked experts
+``layers/mlp/experts/{gate,up,down}_proj/kernel`` [L, E, D, F] / [L, E, F, D] and a router
+(``layers/mlp/router/...``); its forward adds ``out.aux`` (:class:`MoEAux`: balance loss, expert load).
+
 ``fusion_jax.hf.mapping`` is the table from each path to its HF tensor name. Every ``nnx.Param`` carries
 its logical axis names (``vocab, embed, layers, heads, kv_heads, mlp``) for ``fusion_jax.sharding``;
 ``param_logical_axes(config)`` / ``param_shardings(config, mesh)`` give them (and the mesh placement) for a
@@ -37,7 +41,8 @@ config without building weights (``abstract_model``).
 from fusion_jax.models.config import ModelConfig
 from fusion_jax.models.llama import (CausalLM, KVCache, ModelOutput, abstract_model, param_logical_axes,
                                      param_shardings)
+from fusion_jax.models.moe import MoEAux
 from fusion_jax.models.generate import generate
 
-__all__ = ["ModelConfig", "CausalLM", "ModelOutput", "KVCache", "generate", "abstract_model", "param_logical_axes",
-           "param_shardings"]
+__all__ = ["ModelConfig", "CausalLM", "ModelOutput", "MoEAux", "KVCache", "generate", "abstract_model",
+           "param_logical_axes", "param_shardings"]
