@@ -359,7 +359,7 @@ class ModelConfig:
             # Qwen2-MoE names its q/k/v bias flag qkv_bias (default True); Qwen2 always has the bias
             kw["attention_bias"] = bool(hf.get("qkv_bias", True)) if arch == "Qwen2MoeForCausalLM" else True
             use_sw = bool(hf.get("use_sliding_window", False))
-            sw = hf.get("sliding_window") if use_sw else None
+            sw = (hf.get("sliding_window") or None) if use_sw else None
             if sw is not None:
                 kw["sliding_window"] = sw
                 layer_types = hf.get("layer_types")
@@ -388,7 +388,7 @@ class ModelConfig:
                 sw = hf.get("sliding_window", 4096 if arch == "MistralForCausalLM" else None)
             else:
                 sw = None
-            kw["sliding_window"] = sw
+            kw["sliding_window"] = sw or None
         dt = hf.get("dtype") or hf.get("torch_dtype")
         if dt is not None:
             try:
@@ -638,7 +638,8 @@ HF_FIELDS: dict[str, HFField] = {
     "attention_bias": HFField("bool"),
     "attention_dropout": HFField("number", min=0, nullable=True),
     "mlp_bias": HFField("bool"),
-    "sliding_window": HFField("int", min=1, nullable=True),
+    # 0 means no window (Qwen2-MoE writes it when use_sliding_window is false), as null does
+    "sliding_window": HFField("int", min=0, nullable=True),
     "use_sliding_window": HFField("bool"),
     "max_window_layers": HFField("int", min=0),
     "layer_types": HFField("names", nullable=True),
