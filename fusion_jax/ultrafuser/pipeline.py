@@ -233,7 +233,6 @@ def run(config) -> dict:
     timings["total_s"] = run_dir.total_seconds()
     models = (["base"] if "base" in eval_loss else []) + ["fused"] + names
     report = {"eval_loss": {m: eval_loss[m] for m in models}, "gate_weights": gate_w}
-    from fusion_jax.train.report import curve
     checks = ureport.checks(report, names, domains, ureport.heldout_curve(curves.get("stage2") or [], eval_domains))
     if is_main():
         zoo_curves = zoo.curves() if zoo is not None else {}
