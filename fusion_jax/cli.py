@@ -30,6 +30,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("merge-back", "fusion_jax.xft.cli", "merge an MoE's experts back into a dense model (XFT)"),
     ("train", "fusion_jax.train.cli",
      "train per an ml_collections config (--config=PATH[:PRESET], --config.a.b=VALUE overrides)"),
+    ("generate", "fusion_jax.eval.cli", "generate text from any fusion-jax model"),
+    ("eval", "fusion_jax.eval.cli", "evaluate any fusion-jax model (loss, math, code) into a report"),
+    ("arena", "fusion_jax.arena.cli", "every fusion method on the demo zoo, evaluated side by side"),
 )
 
 

@@ -29,6 +29,7 @@ DEFAULT_CONFIG = "configs/ultrafuser.py"
 METHODS: dict[str, str] = {
     "ultrafuser": "fusion_jax.ultrafuser.pipeline:run",
     "toy": "fusion_jax.train.toy:run",   # the trainer's tiny LM (a smoke test of the whole stack)
+    "arena": "fusion_jax.arena.pipeline:run",   # every fusion method on the demo zoo, side by side
 }
 
 # method -> the config options naming directories it writes: checked before the job starts, so a file or a
