@@ -6,8 +6,10 @@ imported (``fusion-jax merge`` does not pay for importing the trainer, torch or 
 appear in ``--help`` as placeholders built from the table. Importing this module and building the
 parser imports neither JAX nor any command family.
 
-Every :class:`~fusion_jax.errors.FusionError` is printed as ``error: <message>`` and exits with status 2;
-other exceptions are bugs and keep their traceback.
+Every :class:`~fusion_jax.errors.FusionError` (and every OS error of the user's environment: a full
+disk, a read-only filesystem) is printed as ``error: <message>`` and exits with status 2. SIGINT and
+SIGTERM stop the command cleanly (temporary outputs removed) with status 130 and 143. Other exceptions
+are bugs and keep their traceback. See :mod:`fusion_jax.utils.entry`.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from fusion_jax.errors import FusionError
 
 #: (subcommand, module with ``register(subparsers)`` that adds it, help). A module may add several.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
@@ -26,8 +27,14 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("dare", "fusion_jax.merging.cli", "DARE one fine-tune onto its base (drop and rescale its delta)"),
     ("teacher-pass", "fusion_jax.distill.cli",
      "run the teachers of a FuseLLM/FuseChat config over its corpus into compact top-k stores"),
+    ("upcycle", "fusion_jax.xft.cli", "upcycle a dense model into an MoE (XFT: E copies of each FFN, expert 0 shared)"),
+    ("moe", "fusion_jax.xft.cli", "build an MoE from specialists per a mergekit-moe YAML"),
+    ("merge-back", "fusion_jax.xft.cli", "merge an MoE's experts back into a dense model (XFT)"),
     ("train", "fusion_jax.train.cli",
      "train per an ml_collections config (--config=PATH[:PRESET], --config.a.b=VALUE overrides)"),
+    ("generate", "fusion_jax.eval.cli", "generate text from any fusion-jax model"),
+    ("eval", "fusion_jax.eval.cli", "evaluate any fusion-jax model (loss, math, code) into a report"),
+    ("arena", "fusion_jax.arena.cli", "every fusion method on the demo zoo, evaluated side by side"),
 )
 
 
@@ -72,11 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):  # a table row whose module did not register that command
         parser.error(f"command {args.command!r} is listed but its module did not register it")
-    try:
-        return int(args.func(args) or 0)
-    except FusionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    from fusion_jax.utils import entry
+    return entry.run(lambda: args.func(args))
 
 
 if __name__ == "__main__":

@@ -43,3 +43,8 @@ class DataError(FusionError):
 
 class TrainingError(FusionError):
     """Training cannot continue (for example a non-finite loss)."""
+
+
+class OutputError(FusionError):
+    """An output cannot be written: the disk is full, the filesystem is read-only, a file stands where a
+    directory belongs, or permission is denied. Nothing half-written is left behind."""

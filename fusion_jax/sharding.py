@@ -124,7 +124,9 @@ def make_mesh(config: Any = None, devices: Sequence[jax.Device] | None = None) -
     shape = cfg.resolve(len(devs))
     if devices is None and jax.process_count() == 1 and jax.default_backend() in ("tpu", "gpu"):
         try:
-            return jax.make_mesh(shape, MESH_AXES, devices=devs)
+            # Auto axes (GSPMD), as the plain Mesh below: jax.make_mesh's default is Explicit axes
+            return jax.make_mesh(shape, MESH_AXES, devices=devs,
+                                 axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
         except Exception:  # noqa: BLE001 - fall back to a plain reshape on exotic topologies
             pass
     devs = sorted(devs, key=lambda d: (d.process_index, d.id))
@@ -294,7 +296,8 @@ def sharded_forward(model: Any, mesh: Mesh, rules: Rules | None = None,
     Returns ``forward(input_ids, attention_mask=None)`` -> float32 logits [B, S, V] sharded as
     (batch, seq, vocab). The model's state is placed on the mesh once; ``fn(model, ids, mask)``
     overrides what is computed (default: ``model(ids, attention_mask=mask).logits``, or the model's
-    raw output if it has no ``.logits``).
+    raw output if it has no ``.logits``). Traced and run with ``mesh`` as the context mesh
+    (``jax.set_mesh``), which is how an MoE block finds the ``expert`` axis to run expert-parallel.
     """
     from flax import nnx
     shard_model(model, mesh, rules)
@@ -309,6 +312,10 @@ def sharded_forward(model: Any, mesh: Mesh, rules: Rules | None = None,
     cache: dict[Any, Callable] = {}
 
     def forward(input_ids, attention_mask=None):
+        with jax.set_mesh(mesh):
+            return _forward(input_ids, attention_mask)
+
+    def _forward(input_ids, attention_mask=None):
         key = (tuple(input_ids.shape), attention_mask is None)
         if key not in cache:
             b_sh = NamedSharding(mesh, batch_spec(2, input_ids.shape, mesh, rules))

@@ -24,6 +24,12 @@ ARCHS = {
     "mistral": ("MistralConfig", dict(sliding_window=8, bos_token_id=1, eos_token_id=2)),
     # qkv bias, tied embeddings
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)),
+    # MoE: softmax top-2 of 4 experts (transformers 5 holds them fused, saves them one by one)
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, bos_token_id=1, eos_token_id=2)),
+    # MoE with a sigmoid-gated shared expert of another width, top-k weights not renormalised
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         shared_expert_intermediate_size=80, norm_topk_prob=False,
+                                         bos_token_id=1, eos_token_id=2)),
 }
 
 TINY = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,

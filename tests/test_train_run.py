@@ -4,7 +4,7 @@ import json
 import ml_collections as mlc
 import pytest
 
-from fusion_jax.errors import ConfigError
+from fusion_jax.errors import ConfigError, OutputError
 from fusion_jax.train.run import Run, config_fingerprint, has_progress
 
 
@@ -52,7 +52,7 @@ def test_stage_results_are_computed_once(tmp_path):
     assert has_progress(again.work)
 
 
-def test_output_dir_that_is_a_file_is_a_config_error(tmp_path):
+def test_output_dir_that_is_a_file_is_an_output_error(tmp_path):
     (tmp_path / "runs").write_text("not a directory")
-    with pytest.raises(ConfigError, match="output_dir"):
+    with pytest.raises(OutputError, match="output_dir"):
         Run.open(_cfg(tmp_path), fingerprint="fp")

@@ -5,7 +5,7 @@ importable without JAX.
 """
 from __future__ import annotations
 
-__all__ = ["load", "load_model", "save", "read_config"]
+__all__ = ["load", "load_model", "save", "read_config", "open_checkpoint", "write_checkpoint"]
 
 
 def __getattr__(name):

@@ -1,7 +1,8 @@
 """Load and save HF (transformers) checkpoints of the Llama family, tensor by tensor.
 
 ``load(dir)`` -> ``(ModelConfig, params)`` where ``params`` is a NESTED DICT of ``jax.Array`` with the
-same structure as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (see ``.notes/MODEL_API.md``); put it
+same structure as ``nnx.to_pure_dict(nnx.state(model, nnx.Param))`` (the tree is described in
+``fusion_jax.models``' docstring; ``fusion_jax.hf.mapping`` maps each path to its HF tensor); put it
 into a model with ``load_model`` or ``nnx.replace_by_pure_dict(state, params); nnx.update(model, state)``.
 
 Reading never holds the model twice: for each param, every distinct shard this process's devices hold gets
@@ -14,10 +15,10 @@ it is transferred and freed. Peak host memory on one device is therefore the par
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from fusion_jax.errors import (CheckpointError, ConfigError, MissingTensorError, ShapeMismatchError)
 from fusion_jax.hf import mapping
-from fusion_jax.hf.files import CONFIG_NAME, GENERATION_CONFIG_NAME, TOKENIZER_FILES
+from fusion_jax.hf.files import CONFIG_NAME, check_passthrough_files, copy_passthrough_files, read_json
 from fusion_jax.hf.safetensors_io import (INDEX_NAME, SafetensorsReader, ShardedWriter, TensorSpec,
                                           aligned_empty)
 from fusion_jax.models.config import ModelConfig, canonical_dtype
@@ -42,12 +43,7 @@ def read_config(path: str | os.PathLike, **overrides) -> ModelConfig:
     f = p if p.is_file() else p / CONFIG_NAME
     if not f.is_file():
         raise CheckpointError(f"{f}: not found (an HF checkpoint directory needs a config.json)")
-    try:
-        hf = json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"{f}: cannot parse ({e})") from e
-    if not isinstance(hf, dict):
-        raise ConfigError(f"{f}: not a JSON object")
+    hf = read_json(f, ConfigError)
     return ModelConfig.from_hf(hf, source=str(f), **overrides)
 
 
@@ -106,6 +102,11 @@ class _TorchBinReader:
         out[...] = t
         return out
 
+    def add_view(self, name: str, source: str, index: tuple) -> None:
+        """Make ``name`` read ``source[index]`` (see ``mapping.View``)."""
+        self._tensors[name] = self._tensors[source][index]
+        self._file[name] = self._file[source]
+
     def close(self):
         self._tensors.clear()
 
@@ -123,10 +124,40 @@ def _open_reader(path: Path):
     if path.is_file() or (path / INDEX_NAME).is_file() or any(path.glob("*.safetensors")):
         r = SafetensorsReader(path)
         r.file_of = lambda name, _r=r: _r.tensors[name].file
+        r.add_view = lambda name, source, index, _r=r: _add_safetensors_view(_r, name, source, index)
         return r
     if (path / _BIN_INDEX).is_file() or any(path.glob("pytorch_model*.bin")):
         return _TorchBinReader(path)
     raise CheckpointError(f"{path}: no model.safetensors / *.safetensors or pytorch_model*.bin weights found")
+
+
+def _add_safetensors_view(reader: SafetensorsReader, name: str, source: str, index: tuple) -> None:
+    """Register ``name`` as the contiguous byte range ``source[index]`` (ints on leading axes, then at most
+    one slice): reads of ``name`` then cost exactly its own bytes."""
+    info = reader.info(source)
+    strides = [int(np.prod(info.shape[k + 1:], dtype=np.int64)) * info.dtype.itemsize
+               for k in range(len(info.shape))]
+    offset, shape = 0, list(info.shape)
+    for k, ix in enumerate(index):
+        if isinstance(ix, slice):
+            a, b, _ = ix.indices(info.shape[k])
+            offset += a * strides[k]
+            shape = [b - a] + list(info.shape[k + 1:])
+            break
+        offset += int(ix) * strides[k]
+        shape = list(info.shape[k + 1:])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * info.dtype.itemsize
+    reader.tensors[name] = dataclasses.replace(info, name=name, shape=tuple(shape), start=info.start + offset,
+                                               end=info.start + offset + nbytes)
+
+
+def _install_views(reader, config: ModelConfig) -> None:
+    """Let the reader serve every tensor the checkpoint stores in another spelling (``mapping.VIEWS``,
+    e.g. transformers 5's fused experts) under the name our table uses; remember the sources consumed."""
+    views = mapping.view_slices(config, lambda n: n in reader)
+    for name, (source, index) in views.items():
+        reader.add_view(name, source, index)
+    reader.view_sources = {source for source, _ in views.values()}
 
 
 def _where(reader, path: Path) -> str:
@@ -159,8 +190,9 @@ def validate(reader, config: ModelConfig, path: Path, *, allow_extra: bool = Fal
     ignored = [re.compile(p) for p in mapping.IGNORED_PATTERNS]
     if config.tie_word_embeddings:
         ignored.append(re.compile(r"lm_head\.weight"))
+    consumed = getattr(reader, "view_sources", set())
     extra = [n for n in reader.names()
-             if n not in expected and not any(p.fullmatch(n) for p in ignored)]
+             if n not in expected and n not in consumed and not any(p.fullmatch(n) for p in ignored)]
     if extra:
         raise CheckpointError(
             f"{len(extra)} unexpected tensor(s) in {reader.file_of(extra[0])}"
@@ -169,10 +201,27 @@ def validate(reader, config: ModelConfig, path: Path, *, allow_extra: bool = Fal
             f"(wrong config.json, or a different architecture?)")
 
 
+def open_checkpoint(path: str | os.PathLike):
+    """``(ModelConfig, reader)`` of an HF checkpoint directory, validated (every tensor present with its
+    shape); ``reader.get(hf_name)`` reads one tensor (in HF layout, dtype as stored). Close the reader."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    config = read_config(path)
+    reader = _open_reader(path)
+    try:
+        _install_views(reader, config)
+        validate(reader, config, path)
+    except BaseException:
+        reader.close()
+        raise
+    return config, reader
+
+
 # -- load ------------------------------------------------------------------------------------------
 def _resolve_dtype(reader, config: ModelConfig, param_dtype) -> np.dtype:
     if param_dtype is not None:
-        return np.dtype(jax.numpy.dtype(canonical_dtype(param_dtype)))
+        return np.dtype(jax.numpy.dtype(canonical_dtype(param_dtype, "param_dtype")))
     first = next(iter(mapping.hf_tensors(config)))[0]
     return np.dtype(reader.dtype(first))
 
@@ -199,10 +248,11 @@ def load(path: str | os.PathLike, *, param_dtype=None, dtype=None, shardings=Non
     config = read_config(path)
     reader = _open_reader(path)
     try:
+        _install_views(reader, config)
         validate(reader, config, path, allow_extra=allow_extra)
         pdt = _resolve_dtype(reader, config, param_dtype)
         pname = canonical_dtype(pdt)
-        config = config.replace(param_dtype=pname, dtype=canonical_dtype(dtype) if dtype else pname,
+        config = config.replace(param_dtype=pname, dtype=canonical_dtype(dtype, "dtype") if dtype else pname,
                                 **config_overrides)
         if mesh is not None and shardings is None:
             from fusion_jax.models import param_shardings
@@ -300,13 +350,12 @@ def _load_param(reader, row: mapping.Row, config: ModelConfig, dt: np.dtype,
                  for d, idx in sharding.addressable_devices_indices_map(shape).items()}
     boxes = list(dict.fromkeys(dev_boxes.values()))
     bufs = {box: aligned_empty(tuple(b - a for a, b in box), dt) for box in boxes}
-    if row.stacked:
-        for i in range(config.num_layers):
-            targets = [(bufs[box][i - box[0][0]], box[1:]) for box in boxes if box[0][0] <= i < box[0][1]]
-            if targets:
-                _read_tensor_into(reader, row.hf_name(i), targets, row.transpose, dt)
-    else:
-        _read_tensor_into(reader, row.hf_name(), [(bufs[box], box) for box in boxes], row.transpose, dt)
+    ns = len(row.stack_shape(config))  # leading dims indexing HF tensors: layer (and expert)
+    for idx in np.ndindex(*shape[:ns]):
+        targets = [(bufs[box][tuple(i - r[0] for i, r in zip(idx, box))], box[ns:]) for box in boxes
+                   if all(r[0] <= i < r[1] for i, r in zip(idx, box))]
+        if targets:
+            _read_tensor_into(reader, row.hf_name(*idx), targets, row.transpose, dt)
     arrays, used = [], set()
     for device, box in dev_boxes.items():
         buf = bufs[box]
@@ -344,16 +393,18 @@ def _as_pure(params) -> Mapping:
 
 
 def save(params, config: ModelConfig, out_dir: str | os.PathLike, *, max_shard_size: int | str = "5GB",
-         source_dir: str | os.PathLike | None = None, dtype=None, overwrite: bool = False) -> Path:
+         source_dir: str | os.PathLike | None = None, dtype=None, overwrite: bool = False,
+         inputs=()) -> Path:
     """Write an HF checkpoint (safetensors shards + index, config.json, and from ``source_dir`` the
     generation config and tokenizer files) that ``transformers.AutoModelForCausalLM`` loads.
 
     ``params``: nested dict (as ``load`` returns), an ``nnx.State`` of Params, or a ``CausalLM``.
     ``dtype``: cast every tensor (e.g. "bf16"); default keeps each param's dtype.
-    Output goes to a temporary directory renamed to ``out_dir`` when complete.
+    Output goes to a temporary directory renamed to ``out_dir`` when complete; with ``overwrite`` it is
+    never an output that holds ``source_dir`` or one of ``inputs`` (replacing it would delete them).
     """
     params = _as_pure(params)
-    out_dt = np.dtype(jax.numpy.dtype(canonical_dtype(dtype))) if dtype is not None else None
+    out_dt = np.dtype(jax.numpy.dtype(canonical_dtype(dtype, "dtype"))) if dtype is not None else None
     specs = []
     for name, row, _ in mapping.hf_tensors(config):
         try:
@@ -366,17 +417,30 @@ def save(params, config: ModelConfig, out_dir: str | os.PathLike, *, max_shard_s
         specs.append(TensorSpec(name, row.hf_shape(config), out_dt or np.dtype(leaf.dtype)))
     stored = canonical_dtype(out_dt if out_dt is not None else specs[0].dtype)
     convert = (lambda t: t.astype(out_dt)) if out_dt is not None else None
+    return write_checkpoint(out_dir, config, specs, mapping.params_to_hf(params, config, convert),
+                            stored_dtype=stored, max_shard_size=max_shard_size, source_dir=source_dir,
+                            overwrite=overwrite, inputs=inputs)
+
+
+def write_checkpoint(out_dir: str | os.PathLike, config: ModelConfig, specs: list[TensorSpec], tensors,
+                     *, stored_dtype: str, max_shard_size: int | str = "5GB",
+                     source_dir: str | os.PathLike | None = None, overwrite: bool = False, inputs=()) -> Path:
+    """Write an HF checkpoint from ``tensors`` (an iterable of ``(hf_name, numpy array)`` in any order,
+    exactly the ``specs``): shards + index, config.json (``config.to_hf(stored_dtype)``), and from
+    ``source_dir`` the generation config and tokenizer files, into a temporary directory renamed to
+    ``out_dir`` when complete (never replacing an output that holds ``source_dir`` or one of ``inputs``).
+    Memory: one tensor at a time."""
     src = Path(source_dir) if source_dir is not None else None
     if src is not None and not src.is_dir():
         raise CheckpointError(f"--source-dir {src}: no such directory")
-    with atomic_directory(out_dir, overwrite=overwrite) as tmp:
+    if src is not None:
+        check_passthrough_files(src)  # before any tensor is written
+    with atomic_directory(out_dir, overwrite=overwrite, inputs=[src, *inputs]) as tmp:
         with ShardedWriter(tmp, specs, max_shard_size) as w:
-            for name, t in mapping.params_to_hf(params, config, convert):
+            for name, t in tensors:
                 w.write(name, t)
-        hf_cfg = config.to_hf(dtype=stored)
+        hf_cfg = config.to_hf(dtype=stored_dtype)
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
         if src is not None:
-            for fname in (GENERATION_CONFIG_NAME,) + TOKENIZER_FILES:
-                if (src / fname).is_file():
-                    shutil.copy2(src / fname, tmp / fname)
+            copy_passthrough_files(src, tmp)
     return Path(out_dir)

@@ -90,8 +90,24 @@ class TensorInfo:
         return self.end - self.start
 
 
+def _json_kind(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate one safetensors file's header. Raises CorruptFileError naming the file."""
+    """Parse and validate one safetensors file's header. Raises CorruptFileError naming the file.
+
+    Checked as the format's reference implementation does: the header is a UTF-8 JSON object; each
+    tensor entry holds a known ``dtype``, a ``shape`` of non-negative integers and ``data_offsets``
+    ``[begin, end]`` matching that shape; the tensors tile the data section exactly, from its first
+    byte to the file's last (a truncated file, or bytes appended to one, is refused);
+    ``__metadata__`` is an object of strings.
+    """
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -105,34 +121,64 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
                     f"{path}: header length {n} does not fit in the file ({size} bytes): "
                     "the file is truncated or not safetensors")
             header_bytes = f.read(n)
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a safetensors file") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from e
     try:
         header = json.loads(header_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: malformed safetensors header ({e})") from e
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{path}: malformed safetensors header ({e}): the file is damaged or not "
+                               "safetensors") from None
     if not isinstance(header, dict):
         raise CorruptFileError(f"{path}: malformed safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        got = _json_kind(metadata) if not isinstance(metadata, dict) else "an object with non-string values"
+        raise CorruptFileError(f"{path}: malformed safetensors header: '__metadata__' must be an object of "
+                               f"strings, got {got}")
     base = 8 + n
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        try:
-            dtype = dtype_from_code(entry["dtype"], f"{path}: tensor {name!r}")
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CorruptFileError(f"{path}: malformed header entry for tensor {name!r}") from e
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise CorruptFileError(f"{where}: malformed header entry (expected an object, got "
+                                   f"{_json_kind(entry)})")
+        code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if not isinstance(code, str):
+            raise CorruptFileError(f"{where}: malformed header entry: 'dtype' must be a string, got "
+                                   f"{_json_kind(code)}")
+        dtype = dtype_from_code(code, where)
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CorruptFileError(f"{where}: malformed header entry: 'shape' must be a list of "
+                                   f"non-negative integers, got {shape!r:.80}")
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(x) for x in offsets)
+                or offsets[0] > offsets[1]):
+            raise CorruptFileError(f"{where}: malformed header entry: 'data_offsets' must be [begin, end] "
+                                   f"with 0 <= begin <= end, got {offsets!r:.80}")
+        shape = tuple(shape)
+        begin, end = offsets
         expected = math.prod(shape) * dtype.itemsize
-        if end - begin != expected or begin < 0:
+        if end - begin != expected:
             raise CorruptFileError(
-                f"{path}: tensor {name!r} has {end - begin} bytes but shape {shape} of "
-                f"{entry['dtype']} needs {expected}")
+                f"{where} has {end - begin} bytes but shape {shape} of {code} needs {expected}")
         if base + end > size:
             raise CorruptFileError(
-                f"{path}: tensor {name!r} ends at byte {base + end} but the file has {size} bytes: "
-                "the file is truncated")
+                f"{where} ends at byte {base + end} but the file has {size} bytes: the file is truncated")
         infos[name] = TensorInfo(name, path, dtype, shape, base + begin, base + end)
+    # the tensors must tile the data section: no overlap (two tensors sharing bytes), no hole, nothing after
+    pos = base
+    for info in sorted(infos.values(), key=lambda t: (t.start, t.end)):
+        if info.start != pos:
+            what = ("overlaps the tensor before it" if info.start < pos
+                    else f"leaves a gap of {info.start - pos} bytes before it")
+            raise CorruptFileError(f"{path}: tensor {info.name!r} {what}: the header is damaged")
+        pos = info.end
+    if pos != size:
+        raise CorruptFileError(f"{path}: {size - pos} bytes after the last tensor: the file is damaged "
+                               "(or two files were joined)")
     return infos, dict(metadata)
 
 
@@ -161,7 +207,8 @@ class SafetensorsReader:
         if self.path.is_file():
             files = [self.path]
         elif (self.path / INDEX_NAME).is_file():
-            files = self._files_from_index(self.path / INDEX_NAME)
+            index = self.path / INDEX_NAME
+            files = self._files_from_index(index)
         elif (self.path / SINGLE_NAME).is_file():
             # without an index transformers reads model.safetensors only (a directory may also hold
             # consolidated.safetensors in Mistral's naming, or adapter_model.safetensors)
@@ -180,13 +227,34 @@ class SafetensorsReader:
                         f"tensor {name!r} appears in both {self.tensors[name].file} and {f}")
                 self.tensors[name] = info
             self.metadata.update(meta)
+        if getattr(self, "_index_map", None) is not None:
+            self._check_index(index)
 
     def _files_from_index(self, index_path: Path) -> list[Path]:
-        try:
-            index = json.loads(index_path.read_text())
-            weight_map: dict[str, str] = index["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CorruptFileError(f"{index_path}: malformed index ({e})") from e
+        from fusion_jax.hf.files import read_json
+        index = read_json(index_path, CorruptFileError)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CorruptFileError(f"{index_path}: malformed index: 'weight_map' must be an object "
+                                   f"{{tensor: file}}, got {_json_kind(weight_map)}")
+        meta = index.get("metadata")
+        if meta is not None and not isinstance(meta, dict):
+            raise CorruptFileError(f"{index_path}: malformed index: 'metadata' must be an object, got "
+                                   f"{_json_kind(meta)}")
+        total = (meta or {}).get("total_size")
+        if total is not None and not (isinstance(total, (int, float)) and not isinstance(total, bool)
+                                      and total >= 0):
+            raise CorruptFileError(f"{index_path}: malformed index: 'metadata.total_size' must be a "
+                                   f"number of bytes, got {_json_kind(total)}")
+        for name, fname in weight_map.items():
+            if not isinstance(fname, str) or not fname:
+                raise CorruptFileError(f"{index_path}: malformed index: 'weight_map' entry {name!r} must name "
+                                       f"a file, got {_json_kind(fname)}")
+            if os.path.isabs(fname) or ".." in Path(fname).parts:
+                raise CorruptFileError(f"{index_path}: 'weight_map' entry {name!r} names {fname!r}, outside "
+                                       "the checkpoint directory")
+        if not weight_map:
+            raise CorruptFileError(f"{index_path}: malformed index: 'weight_map' is empty")
         files = []
         for fname in dict.fromkeys(weight_map.values()):
             f = index_path.parent / fname
@@ -198,6 +266,15 @@ class SafetensorsReader:
             files.append(f)
         self._index_map = weight_map
         return files
+
+    def _check_index(self, index_path: Path) -> None:
+        """Every tensor the index lists is in the shard it names (else the index and shards disagree)."""
+        for name, fname in self._index_map.items():
+            info = self.tensors.get(name)
+            if info is None or info.file != index_path.parent / fname:
+                found = f"it is in {info.file.name}" if info is not None else "no shard holds it"
+                raise CorruptFileError(f"{index_path}: lists tensor {name!r} in {fname}, but {found}: the "
+                                       "index does not match the shards")
 
     # -- queries -------------------------------------------------------------------------------
     def names(self) -> list[str]:

@@ -1,13 +1,17 @@
 """The Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) in Flax NNX, numerically as transformers.
 
 Parameters of all decoder layers are STACKED along a leading ``layers`` axis (one layout whether or not
-``config.scan_layers`` runs the stack under ``jax.lax.scan``); see ``MODEL_API.md`` for the tree. Each
+``config.scan_layers`` runs the stack under ``jax.lax.scan``); the tree is listed in ``fusion_jax.models``'
+docstring. Each
 ``nnx.Param`` carries its logical axis names as ``out_sharding`` metadata (``out_sharding=`` at
 construction, ``eager_sharding=False``), so ``nnx.get_partition_spec(nnx.state(model, nnx.Param))`` gives
 logical ``PartitionSpec``s for a rules table to map onto a mesh.
 
 The forward is written as pure functions over a dict of arrays (``_layer``), so the same code runs under
 ``lax.scan``, a Python loop, ``jax.checkpoint`` (remat) and ``jax.vmap`` over stacked experts.
+With ``config.num_experts > 0`` every layer's FFN is the MoE block of ``moe.py`` (stacked and scanned like
+the rest); the forward then also returns the routers' balance loss and per-expert load
+(``ModelOutput.aux``), and takes ``router_key`` for XFT's noisy gating in training.
 Attention uses ``jax.nn.dot_product_attention``: with no padding, packing or cache it runs with
 ``is_causal``/``local_window_size`` and no mask array at all; otherwise one boolean ``[B, 1, S, T]`` mask.
 """
@@ -21,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from fusion_jax.models import rope
+from fusion_jax.models import moe, rope
 from fusion_jax.models.config import ModelConfig
 
 _NO_WINDOW = 2**30
@@ -56,6 +60,9 @@ class ModelOutput:
     logits: jax.Array | None   # [B, S, V] float32
     hidden: jax.Array | None   # [B, S, D] final-RMSNorm'ed hidden states (HF last_hidden_state)
     cache: KVCache | None
+    aux: moe.MoEAux | None = None   # MoE models: balance loss and expert load (None for dense models)
+    layer_inputs: jax.Array | None = None  # [L, B, S, D] residual stream entering each layer, on request
+                                           # (HF output_hidden_states' hidden_states[:-1])
 
 
 # -- params ----------------------------------------------------------------------------------------
@@ -104,7 +111,7 @@ class CausalLM(nnx.Module):
                 o_proj=dense((L, q, D), ("layers", "heads", "embed"), c.o_bias),
             ),
             mlp_norm=norm((L, D), ("layers", "embed")),
-            mlp=_Node(
+            mlp=_moe_node(c, rngs.params(), pdt) if c.is_moe else _Node(
                 gate_proj=dense((L, D, F), ("layers", "embed", "mlp"), c.mlp_bias),
                 up_proj=dense((L, D, F), ("layers", "embed", "mlp"), c.mlp_bias),
                 down_proj=dense((L, F, D), ("layers", "mlp", "embed"), c.mlp_bias),
@@ -133,7 +140,13 @@ class CausalLM(nnx.Module):
         return jnp.einsum("...d,dv->...v", hidden.astype(cdt), w, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None, segment_ids=None, cache=None,
-                 return_hidden: bool = False, return_logits: bool = True) -> ModelOutput:
+                 return_hidden: bool = False, return_logits: bool = True, router_key: jax.Array | None = None,
+                 return_layer_inputs: bool = False) -> ModelOutput:
+        """Logits (and on request final hidden states, each layer's input, a new cache) of ``input_ids``.
+
+        ``router_key``: MoE training only: the PRNG key of XFT's noisy gating (layer i uses
+        ``fold_in(router_key, i)``); None (evaluation) routes on the clean logits. Dense models ignore it.
+        """
         c = self.config
         cdt = jnp.dtype(c.dtype)
         input_ids = jnp.asarray(input_ids)
@@ -181,30 +194,38 @@ class CausalLM(nnx.Module):
         params = nnx.to_pure_dict(nnx.state(self.layers, nnx.Param))
         slot = cache.length if cache is not None else None
 
-        def layer(x, p, window, k_c, v_c):
-            return _layer(c, p, x, cos, sin, mask, q_idx, k_idx, window, static_window, k_c, v_c, slot)
+        def layer(x, p, window, k_c, v_c, key):
+            return _layer(c, p, x, cos, sin, mask, q_idx, k_idx, window, static_window, k_c, v_c, slot, key)
 
         if c.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[c.remat]())
 
         ck = cache.k if cache is not None else None
         cv = cache.v if cache is not None else None
+        keys = None
+        if c.is_moe and router_key is not None:
+            keys = jax.vmap(lambda i: jax.random.fold_in(router_key, i))(jnp.arange(c.num_layers))
         if c.scan_layers:
             def body(x, xs):
-                p, w, k_c, v_c = xs
-                x, kv = layer(x, p, w, k_c, v_c)
-                return x, kv
-            x, (nk, nv) = jax.lax.scan(body, x, (params, win_arr, ck, cv))
+                p, w, k_c, v_c, key = xs
+                x_in = x
+                x, kv, aux = layer(x, p, w, k_c, v_c, key)
+                return x, (kv, aux, x_in if return_layer_inputs else None)
+            x, ((nk, nv), aux, layer_inputs) = jax.lax.scan(body, x, (params, win_arr, ck, cv, keys))
         else:
-            ks, vs = [], []
+            ks, vs, auxs, ins = [], [], [], []
             for i in range(c.num_layers):
                 p = jax.tree.map(lambda a: a[i], params)
-                x, (k_i, v_i) = layer(x, p, win_arr[i], None if ck is None else ck[i],
-                                      None if cv is None else cv[i])
+                ins.append(x)
+                x, (k_i, v_i), aux_i = layer(x, p, win_arr[i], None if ck is None else ck[i],
+                                             None if cv is None else cv[i], None if keys is None else keys[i])
                 ks.append(k_i)
                 vs.append(v_i)
+                auxs.append(aux_i)
             nk = jnp.stack(ks) if cache is not None else None
             nv = jnp.stack(vs) if cache is not None else None
+            aux = jax.tree.map(lambda *a: jnp.stack(a), *auxs) if c.is_moe else None
+            layer_inputs = jnp.stack(ins) if return_layer_inputs else None
 
         hidden = _rms_norm(x, self.final_norm.scale[...], c.rms_norm_eps)
         logits = self.logits_from_hidden(hidden) if return_logits else None
@@ -213,7 +234,21 @@ class CausalLM(nnx.Module):
             add = amask.sum(axis=1, dtype=jnp.int32) if amask is not None else jnp.full((B,), S, jnp.int32)
             new_cache = KVCache(k=nk, v=nv, valid=kv_valid, next_pos=cache.next_pos + add,
                                 length=cache.length + S)
-        return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, cache=new_cache)
+        moe_aux = None
+        if c.is_moe:
+            balance, load = aux
+            moe_aux = moe.MoEAux(balance_loss=balance.sum(), layer_balance=balance, expert_load=load)
+        return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, cache=new_cache,
+                           aux=moe_aux, layer_inputs=layer_inputs)
+
+
+def _moe_node(c: ModelConfig, key: jax.Array, dtype) -> _Node:
+    """The MoE FFN's params as nodes (see moe.py), each with its logical axes."""
+    def build(tree):
+        if isinstance(tree, tuple):
+            return _param(*tree)
+        return _Node(**{k: build(v) for k, v in tree.items()})
+    return build(moe.param_init(c, key, dtype))
 
 
 # -- pure layer math -------------------------------------------------------------------------------
@@ -247,7 +282,7 @@ def _dense(x, p):
 
 
 def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, q_idx, k_idx, window, static_window, k_cache,
-           v_cache, slot) -> tuple[Any, tuple[Any, Any]]:
+           v_cache, slot, router_key=None) -> tuple[Any, tuple[Any, Any], Any]:
     B, S, _ = x.shape
     hd = c.head_dim
     h = _rms_norm(x, p["attn_norm"]["scale"], c.rms_norm_eps)
@@ -277,8 +312,11 @@ def _layer(c: ModelConfig, p: dict, x, cos, sin, mask, q_idx, k_idx, window, sta
     h = _rms_norm(x, p["mlp_norm"]["scale"], c.rms_norm_eps)
     m_ = p["mlp"]
     act = _ACTS[c.hidden_act]
+    if c.is_moe:
+        y, aux = moe.moe_ffn(c, m_, h, act, router_key)
+        return x + y, new_kv, aux
     y = _dense(act(_dense(h, m_["gate_proj"])) * _dense(h, m_["up_proj"]), m_["down_proj"])
-    return x + y, new_kv
+    return x + y, new_kv, None
 
 
 # -- abstract model ----------------------------------------------------------------------------------

@@ -31,6 +31,14 @@ METHODS: dict[str, str] = {
     "fusellm": "fusion_jax.distill.pipeline:run",
     "fusechat": "fusion_jax.distill.pipeline:run",
     "toy": "fusion_jax.train.toy:run",   # the trainer's tiny LM (a smoke test of the whole stack)
+    "arena": "fusion_jax.arena.pipeline:run",   # every fusion method on the demo zoo, side by side
+}
+
+# method -> the config options naming directories it writes: checked before the job starts, so a file or a
+# read-only filesystem there is one clear error rather than a traceback after the first training stage
+OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ultrafuser": ("output_dir",),
+    "toy": ("workdir",),
 }
 
 _USAGE = """usage: {prog} [--config=PATH[:PRESET]] [--config.FIELD=VALUE ...]
@@ -56,9 +64,23 @@ def run_from_config(config: Any) -> int:
     if target is None:
         raise ConfigError(f"config.method: {method!r} is not a known method; known methods: "
                           f"{', '.join(sorted(METHODS))}")
+    from fusion_jax.utils.atomic import check_writable_dir, resolve_output
+    for option in OUTPUT_OPTIONS.get(str(method), ()):
+        value = config.get(option) if hasattr(config, "get") else getattr(config, option, None)
+        if value:
+            path = os.path.expanduser(str(value))
+            check_writable_dir(path, f"config.{option}")
+            # created now, through a symlink that points to a directory not made yet, so that every
+            # writer below (Orbax, the metrics files) finds a directory there
+            os.makedirs(resolve_output(path), exist_ok=True)
     module_name, func_name = target.split(":")
     fn = getattr(importlib.import_module(module_name), func_name)
-    status = fn(config)
+    try:
+        status = fn(config)
+    except KeyboardInterrupt as e:
+        # the trainer finished the checkpoint it was writing (see train/checkpointing.py)
+        e.add_note("the checkpoints written so far are kept: run the same command to resume")
+        raise
     return status if isinstance(status, int) and not isinstance(status, bool) else 0
 
 
@@ -138,17 +160,17 @@ def _config_path(argv: Sequence[str], default: str) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None, *, default: str = DEFAULT_CONFIG, prog: str = "train.py") -> int:
-    """Parse ``argv`` (without the program name), run the job; a :class:`FusionError` prints
-    ``error: <message>`` on stderr and returns its exit code (2)."""
+    """Parse ``argv`` (without the program name), run the job; returns the exit status.
+
+    A :class:`FusionError` (or a full disk, a read-only output...) prints ``error: <message>`` on stderr
+    and returns 2; SIGINT / SIGTERM stop the run cleanly (the checkpoint being written is completed, so
+    the same command resumes) and return 130 / 143 (see :mod:`fusion_jax.utils.entry`)."""
+    from fusion_jax.utils import entry
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "--helpfull") for a in argv):
         print(_USAGE.format(prog=prog, methods=", ".join(sorted(METHODS)), default=default))
         return 0
-    try:
-        return run_from_config(load_config(argv, default))
-    except FusionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
+    return entry.run(lambda: run_from_config(load_config(argv, default)))
 
 
 def _train_command(args) -> int:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -27,8 +26,8 @@ from typing import Any, Callable, Iterable, Mapping
 import jax
 import numpy as np
 
-from fusion_jax.errors import ConfigError, FusionError
-from fusion_jax.utils.atomic import atomic_file
+from fusion_jax.errors import ConfigError, FusionError, OutputError
+from fusion_jax.utils.atomic import atomic_file, check_writable_dir
 
 FINGERPRINT = "fingerprint.json"
 STAGES_DIR = "stages"
@@ -117,8 +116,8 @@ class Run:
     def open(cls, c: Any, *, fingerprint: str) -> "Run":
         """Create (or reopen) ``c.output_dir / c.name`` for a run with this ``fingerprint``.
 
-        Raises ConfigError naming ``output_dir`` when it cannot hold a run directory (a file, read-only),
-        and when ``work/`` holds checkpoints or finished stages of a run with another configuration. A
+        Raises OutputError naming ``output_dir`` when it cannot hold a run directory (a file, read-only),
+        and ConfigError when ``work/`` holds checkpoints or finished stages of a run with another configuration. A
         work directory of another configuration WITHOUT progress (a run rejected before its first
         checkpoint) is cleared, so that the corrected command is not refused."""
         out_dir = Path(str(c.output_dir)).expanduser() / str(c.name)
@@ -129,16 +128,11 @@ class Run:
         return run
 
     def _prepare(self) -> None:
-        for p in (self.out_dir.parent, self.out_dir, self.work):
-            if p.exists() and not p.is_dir():
-                raise ConfigError(f"output_dir: {p} exists and is not a directory")
+        check_writable_dir(self.work, "output_dir")
         try:
             self.work.mkdir(parents=True, exist_ok=True)
-            probe = self.work / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
         except OSError as e:
-            raise ConfigError(f"output_dir: cannot write the run directory {self.out_dir}: "
+            raise OutputError(f"output_dir: cannot create the run directory {self.out_dir}: "
                               f"{e.strerror or e}") from None
         f = self.work / FINGERPRINT
         old = _read_fingerprint(f)

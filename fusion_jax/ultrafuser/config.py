@@ -273,6 +273,10 @@ def validate(config) -> mlc.ConfigDict:
             raise ConfigError(f"{st}: {e}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{st}: {e}") from None
+    from fusion_jax.models.config import canonical_dtype
+    canonical_dtype(str(c.specialists.dtype), where="specialists.dtype")
+    if str(c.specialists.param_dtype):
+        canonical_dtype(str(c.specialists.param_dtype), where="specialists.param_dtype")
     if int(c.loss_chunk) < 1:
         raise ConfigError(f"loss_chunk: must be >= 1 (positions per fused-loss chunk), got {c.loss_chunk}")
     if int(c.eval.generate_examples) > 0 and int(c.eval.max_new_tokens) < 1:
