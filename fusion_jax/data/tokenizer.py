@@ -176,13 +176,21 @@ def train_tokenizer_from_corpus(corpus_dir: str | os.PathLike, out_dir: str | os
 
 def load_tokenizer(path: str | os.PathLike):
     """``AutoTokenizer.from_pretrained(path)`` with a :class:`DataError` naming the path on failure."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     p = Path(path)
     if p.exists() and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
         raise DataError(f"{p}: not a tokenizer directory (no tokenizer.json / tokenizer_config.json)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        # A tokenizer saved as a plain PreTrainedTokenizerFast (the zoo's) next to a config.json: transformers
+        # 5 would pick the class of the config's model_type (Qwen2Tokenizer for a Qwen2 checkpoint), whose
+        # constructor replaces the saved pre-tokenizer with its own, so load the class the files name.
+        cls = AutoTokenizer
+        cfg = p / "tokenizer_config.json"
+        if cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class") == \
+                "PreTrainedTokenizerFast":
+            cls = PreTrainedTokenizerFast
+        tok = cls.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot load a tokenizer: {e}") from e
     if tok.pad_token_id is None:  # many base-model tokenizers have none; padding needs one
