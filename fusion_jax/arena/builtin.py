@@ -29,7 +29,7 @@ def multitask(ctx: Context) -> Entry:
     from fusion_jax import sharding as shd
     from fusion_jax.data.templates import render_dataset, template_from_format
     from fusion_jax.data.tokenizer import load_tokenizer
-    from fusion_jax.models import abstract_model
+    from fusion_jax.models import abstract_model, param_logical_axes
     from fusion_jax.train.losses import nnx_causal_lm_loss
     from fusion_jax.train.run import train_on_arrays
     out = ctx.work_dir() / "model"
@@ -45,7 +45,7 @@ def multitask(ctx: Context) -> Entry:
         rows[d] = {k: r[k] for k in ("input_ids", "attention_mask", "loss_mask")}
     cfg, params = hf.load(ctx.family.base_dir)
     graphdef = nnx.split(abstract_model(cfg), nnx.Param)[0]
-    axes = shd.state_logical_axes(nnx.split(abstract_model(cfg), nnx.Param)[1])
+    axes = param_logical_axes(cfg)
     mt = ctx.config.multitask
     run = {"steps": ctx.budget.steps, "batch": ctx.budget.batch_per_domain,
            "learning_rate": float(mt.learning_rate), "warmup_steps": int(mt.warmup_steps)}
