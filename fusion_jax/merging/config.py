@@ -12,6 +12,7 @@ Any other key is an error that names it (mergekit would silently ignore some of 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -19,13 +20,13 @@ import yaml
 
 from fusion_jax.errors import ConfigError
 from fusion_jax.merging.methods import METHODS, REQUIRED, MethodSpec, Param
+from fusion_jax.merging.precision import COMPUTE_DTYPES, DTYPES
 
 _TOP_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-             "tokenizer_source"}
+             "tokenizer_source", "compute_dtype"}
 _UNSUPPORTED = {"modules": "per-module configs", "tokenizer": "the 'tokenizer:' block (use tokenizer_source)",
                 "chat_template": "chat_template", "residual_weight": "residual_weight"}
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+_DTYPES = DTYPES
 
 
 @dataclasses.dataclass
@@ -55,6 +56,7 @@ class MergeConfig:
     tokenizer_source: str | None
     root: Path  # directory that relative model paths are also looked up in (the YAML's)
     raw: dict = dataclasses.field(default_factory=dict)
+    compute_dtype: str | None = None  # fusion-jax's key: "auto" (mergekit's per-step dtype) | "float32"
 
     def referenced_models(self) -> list[str]:
         out: list[str] = []
@@ -197,8 +199,12 @@ def load_config(source: str | os.PathLike | dict) -> MergeConfig:
     ts = raw.get("tokenizer_source")
     if ts is not None and not isinstance(ts, str):
         raise ConfigError(f"tokenizer_source: expected 'base', 'union' or a model path, got {ts!r}")
+    cd = raw.get("compute_dtype")
+    if cd is not None and cd not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {cd!r}")
     cfg = MergeConfig(method, spec, base, models, slices, _params(raw.get("parameters"), spec, "parameters"),
-                      _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), ts, root, raw)
+                      _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), ts, root, raw,
+                      compute_dtype=cd)
     return cfg
 
 
@@ -222,6 +228,14 @@ def _validate(p: Param, v):
         if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
             return v.lower() in ("true", "yes", "1")
         raise ConfigError(f"parameter {p.name}: expected true/false, got {v!r}")
+    if p.type is int:
+        try:
+            f = None if isinstance(v, bool) else float(v)
+        except ValueError:
+            f = None
+        if f is None or not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"parameter {p.name}: expected an integer, got {v!r}")
+        return int(f)
     return v
 
 

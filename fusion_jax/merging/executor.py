@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from fusion_jax.errors import (CheckpointError, ConfigError, FusionError, MissingTensorError,
@@ -29,13 +28,13 @@ from fusion_jax.hf.safetensors_io import (SafetensorsReader, ShardedWriter, Tens
                                           parse_size)
 from fusion_jax.merging import kernels, rng
 from fusion_jax.merging.config import MergeConfig, Source, load_config, resolve_parameter
-from fusion_jax.merging.methods import merge_group, rescale_mode
+from fusion_jax.merging.methods import check_group, merge_group, rescale_mode
+from fusion_jax.merging.precision import COMPUTE_DTYPES, NP_DTYPES, dtype_name, guard_ones, promote
 from fusion_jax.utils.atomic import atomic_directory
 from fusion_jax.utils.malloc import retain_freed_memory
 
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
-_NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-              "bfloat16": np.dtype(ml_dtypes.bfloat16), "float64": np.dtype(np.float64)}
+_NP_DTYPES = NP_DTYPES
 _VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
 
 
@@ -48,7 +47,20 @@ class Model:
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.get("num_hidden_layers", 0))
+        """``num_hidden_layers`` from config.json (as mergekit reads it; it does not count tensors).
+        Missing or not a count is an error when the checkpoint has layer tensors, and so is a count
+        that leaves some of them out (the merge would silently drop layers)."""
+        v = self.config.get("num_hidden_layers")
+        top = max((int(m.group(2)) for n in self.reader.names() if (m := _LAYER_RE.search(n))), default=-1)
+        where = f"model {self.name!r}: {self.path / 'config.json'}"
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if top < 0 and v is None:
+                return 0
+            raise CheckpointError(f"{where} has no valid 'num_hidden_layers' (got {v!r}), but its tensors "
+                                  f"have {top + 1} layers; set it to the number of decoder layers")
+        if top >= v:
+            raise CheckpointError(f"{where} says num_hidden_layers = {v}, but its tensors go up to layer {top}")
+        return v
 
     def tensor_name(self, name: str) -> str | None:
         """The stored name for ``name``, following tied embeddings as mergekit's ``tied_names`` do."""
@@ -74,6 +86,8 @@ class Job:
     per_input: list[dict]
     streams: list[int]
     vocab: bool = False
+    dtype: str = "float32"  # the dtype every step rounds to (see .precision)
+    copy: bool = False  # a non-float tensor: copied from the first input (all inputs must agree)
 
     @property
     def numel(self) -> int:
@@ -92,8 +106,10 @@ def _open_model(name: str, path: Path) -> Model:
         config = json.loads(cfg_path.read_text())
     except OSError:
         raise CheckpointError(f"model {name!r}: {cfg_path} not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"model {name!r}: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"model {name!r}: {cfg_path} must hold a JSON object, not {type(config).__name__}")
     return Model(name, path, config, SafetensorsReader(path))
 
 
@@ -107,7 +123,6 @@ class Plan:
     tokenizer: Any = None  # a transformers tokenizer to save (union), else None
     tokenizer_dir: Path | None = None
     permutations: dict | None = None  # model index -> int array (out id -> orig id or -1)
-    compute_dtype: str | None = None
 
     @property
     def total_in_bytes(self) -> int:
@@ -118,8 +133,17 @@ class Plan:
         return sum(j.numel * j.out_dtype.itemsize for j in self.jobs)
 
 
-def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
+def plan_merge(cfg: MergeConfig, seed: int = 0, compute_dtype: str | None = None) -> Plan:
+    """Every output tensor as a :class:`Job`, all parameters resolved and validated: nothing is read
+    or written yet, so every configuration error surfaces before any work.
+
+    ``compute_dtype`` ("auto", "float32"; default: the config's ``compute_dtype``, else "auto"):
+    "auto" does each step in the merge dtype as mergekit does (``dtype:``, else the inputs' promoted
+    dtype); "float32" does every step in float32 and rounds once to the output dtype."""
     spec = cfg.spec
+    compute = compute_dtype or cfg.compute_dtype or "auto"
+    if compute not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute!r}")
     names = cfg.referenced_models()
     models = [_open_model(n, cfg.resolve_path(n)) for n in names]
     idx = {n: i for i, n in enumerate(names)}
@@ -186,6 +210,17 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
             if st is None:
                 raise MissingTensorError(f"model {s.model!r} ({models[idx[s.model]].path}) has no tensor {nm!r}")
         shapes = [models[idx[s.model]].reader.shape(st) for s, st in zip(srcs, stored)]
+        in_dtypes = [models[idx[s.model]].reader.dtype(st) for s, st in zip(srcs, stored)]
+        floats = [d.kind == "f" or d == NP_DTYPES["bfloat16"] for d in in_dtypes]
+        if not all(floats):  # mergekit: non-float buffers are copied when every input agrees
+            if any(floats) or len(set(in_dtypes)) > 1 or len(set(shapes)) > 1:
+                raise CheckpointError(f"tensor {out_name!r} is not floating point in every model (" + ", ".join(
+                    f"{s.model}: {d.name} {list(sh)}" for s, d, sh in zip(srcs, in_dtypes, shapes))
+                    + "); non-float tensors are copied, so all models must store the same dtype and shape")
+            jobs.append(Job(out_name, tuple(shapes[0]), in_dtypes[0], [(idx[s.model], st) for s, st in
+                                                                     zip(srcs, stored)], None, {}, [{}] * len(srcs),
+                            [], copy=True))
+            return
         is_vocab = _is_vocab(out_name) and vocab is not None
         if is_vocab:
             shape = (len(vocab["vocab"]),) + tuple(shapes[0][1:])
@@ -213,12 +248,14 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
                 if p.scope == "input" or (p.scope == "non_base" and i != base_pos):
                     d[p.name] = resolve_parameter(p, scopes, st, t, f"{s.model}: {st}")
             per_input.append(d)
-        in_dtypes = [models[idx[s.model]].reader.dtype(st) for s, st in zip(srcs, stored)]
-        od = _NP_DTYPES[out_dtype_name] if out_dtype_name else _promote(in_dtypes)
+        check_group(spec, shared, per_input, [s.model for s in srcs], base_pos, out_name)
+        merge_dtype = dtype_name(cfg.dtype) if cfg.dtype else promote(in_dtypes).name
+        od = _NP_DTYPES[out_dtype_name] if out_dtype_name else _NP_DTYPES[merge_dtype]
         nb = [i for i in range(len(srcs)) if i != base_pos]
         streams = [rng.tensor_stream(seed, out_name, j) for j in range(len(nb))]
         jobs.append(Job(out_name, tuple(shape), od, [(idx[s.model], st) for s, st in zip(srcs, stored)],
-                        base_pos, shared, per_input, streams, is_vocab))
+                        base_pos, shared, per_input, streams, is_vocab,
+                        dtype=merge_dtype if compute == "auto" else "float32"))
 
     for n in pre:
         add(n, [n] * len(slices[0].sources), slices[0], 0.0)
@@ -244,22 +281,13 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
             out_config["layer_types"] = [out_config["layer_types"][i] for i in source_layer]
     if out_dtype_name:
         out_config["torch_dtype" if "torch_dtype" in out_config else "dtype"] = out_dtype_name
-    plan = Plan(cfg, models, jobs, donor, out_config, compute_dtype=cfg.dtype)
+    plan = Plan(cfg, models, jobs, donor, out_config)
     if vocab is not None:
         out_config["vocab_size"] = len(vocab["vocab"])
         plan.tokenizer = vocab["tokenizer"]
         plan.permutations = vocab["perms"]
         plan.tokenizer_dir = vocab["dir"]
     return plan
-
-
-def _promote(dtypes) -> np.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        if d != out:
-            out = np.promote_types(out, d) if ml_dtypes.bfloat16 not in (d, out) else (
-                np.dtype(np.float32) if {np.dtype(d), np.dtype(out)} != {np.dtype(ml_dtypes.bfloat16)} else d)
-    return np.dtype(out)
 
 
 def _check_contract(spec, inputs: list[str], base: str | None, where: str) -> None:
@@ -445,6 +473,7 @@ class _Runner:
         if self.devices[0].platform == "cpu":
             retain_freed_memory()  # XLA:CPU's chunk temporaries: reuse heap blocks, not fresh mmaps
         self.budget = memory_budget
+        self.host = self.devices[0].platform == "cpu"  # order statistics may use NumPy on host arrays
         self.sharding = None
         if len(self.devices) > 1:
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -478,7 +507,9 @@ class _Runner:
 
     def _run_job(self, job: Job, writer: ShardedWriter) -> int:
         in_bytes = sum(self.plan.models[m].reader.info(n).nbytes for m, n in job.inputs)
-        cd = self.plan.compute_dtype
+        if job.copy:
+            self._copy(job, writer)
+            return in_bytes
         if job.vocab:
             arrays = permute_vocab(job, self.read(job), self.plan.permutations, job.base_pos)
             arrays = [a.reshape(-1) for a in arrays]
@@ -487,23 +518,31 @@ class _Runner:
         else:
             arrays = [a.reshape(-1) for a in self.read(job)]
         if not self.streamable(job):
-            if cd:
-                arrays = [a.astype(_NP_DTYPES[cd]) for a in arrays]
             arrays = [a.reshape(job.shape) for a in arrays]
-            res = merge_group(self.plan.config.spec, arrays, job.base_pos, job.shared, job.per_input, job.streams)
+            res = merge_group(self.plan.config.spec, arrays, job.base_pos, job.shared, job.per_input, job.streams,
+                              dtype=job.dtype, host=self.host)
             writer.write(job.name, np.asarray(res).astype(job.out_dtype))
             return in_bytes
         self._stream(job, arrays, writer)
         return in_bytes
+
+    def _copy(self, job: Job, writer: ShardedWriter) -> None:
+        """A non-float tensor (an integer buffer): every input must hold the same values (mergekit's rule)."""
+        arrays = self.read(job)
+        for (m, _), a in zip(job.inputs[1:], arrays[1:]):
+            if not np.array_equal(a, arrays[0]):
+                raise CheckpointError(f"tensor {job.name!r} ({a.dtype.name}) differs between "
+                                      f"{self.plan.models[job.inputs[0][0]].name!r} and {self.plan.models[m].name!r}; "
+                                      "non-float tensors are copied, not merged, so the models must agree on it")
+        writer.write(job.name, arrays[0])
 
     def _stream(self, job: Job, arrays, writer: ShardedWriter) -> None:
         import jax.numpy as jnp
         spec = self.plan.config.spec
         n = job.numel
         C = kernels.chunk_size(n, len(self.devices))
-        cd = self.plan.compute_dtype
-        in_dtype = jnp.dtype(cd) if cd else None
         nchunks = max(1, -(-n // C))
+        ones = guard_ones()
 
         def load(i):
             lo, hi = i * C, min(n, (i + 1) * C)
@@ -524,19 +563,21 @@ class _Runner:
             w = jnp.asarray([p["weight"] for p in job.per_input], jnp.float32)
 
             def kernel(xs, lo):
-                return kernels.linear_chunk(tuple(xs), w, normalize=bool(job.shared["normalize"]),
-                                            in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+                return kernels.linear_chunk(tuple(xs), w, ones, normalize=bool(job.shared["normalize"]),
+                                            dtype=job.dtype, out_dtype=jnp.dtype(job.out_dtype))
         else:
             bp = job.base_pos
             nb = [i for i in range(len(job.inputs)) if i != bp]
-            scales, streams, thr, full, weights = self._task_vector_scales(job, nb, chunks, in_dtype)
+            scales, streams, thr, full, weights = self._task_vector_scales(job, nb, chunks)
 
             def kernel(xs, lo):
                 return kernels.task_vector_chunk(
                     xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, weights,
-                    np.float32(job.shared["lambda"]), _index32(lo), random=spec.sparsify == "random",
+                    np.float32(job.shared["lambda"]), _index32(lo), ones, random=spec.sparsify == "random",
                     full=full, consensus=spec.consensus, normalize=bool(job.shared["normalize"]),
-                    in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+                    rescale=rescale_mode(job.shared["rescale"]), dtype=job.dtype,
+                    out_dtype=jnp.dtype(job.out_dtype))
+
         def copy_out(r, lo, hi):
             out[lo:hi] = np.asarray(r)[: hi - lo]
 
@@ -549,7 +590,7 @@ class _Runner:
         copy_out(*pending)
         writer.write(job.name, out.reshape(job.shape))
 
-    def _task_vector_scales(self, job: Job, nb: list[int], chunks, in_dtype):
+    def _task_vector_scales(self, job: Job, nb: list[int], chunks):
         """Per-input rescale factors (1, 1/density, or mergekit's L1 ratio from a statistics pass over
         ``chunks``), with the kernel's other per-input arguments."""
         spec = self.plan.config.spec
@@ -566,13 +607,10 @@ class _Runner:
         elif random and mode == "l1" and not all(full):
             sel = [k for k in range(len(nb)) if not full[k]]
             bp = job.base_pos
+            ones = guard_ones()
             parts = [kernels.l1_sums(xs[bp], tuple(xs[nb[k]] for k in sel), streams[sel], thr[sel],
-                                     _index32(lo), in_dtype=in_dtype) for xs, lo, _ in chunks()]
-            totals = kernels.l1_totals(parts, job.numel)
-            for j, k in enumerate(sel):
-                before, after = totals[j]
-                if before >= 1e-7 and after >= 1e-7:
-                    scales[k] = before / after
+                                     _index32(lo), ones, dtype=job.dtype) for xs, lo, _ in chunks()]
+            scales[sel] = kernels.l1_scales(kernels.l1_totals(parts, job.numel), job.dtype)
         return scales, streams, thr, full, weights
 
 
@@ -630,7 +668,7 @@ def _write_metadata(plan: Plan, out: Path) -> None:
 
 def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size="5GB",
           overwrite: bool = False, quiet: bool = False, workers: int | None = None,
-          memory_budget="256MB") -> dict:
+          memory_budget="256MB", compute_dtype: str | None = None) -> dict:
     """Python API: merge per a mergekit YAML path (or dict or MergeConfig) into ``out_dir``.
 
     On the CPU it tunes glibc's malloc for the rest of the process (see :func:`execute`).
@@ -644,7 +682,7 @@ def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FusionError(f"output path {out} already exists")
-    plan = plan_merge(cfg, seed=seed)
+    plan = plan_merge(cfg, seed=seed, compute_dtype=compute_dtype)
     try:
         return execute(plan, out, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
                        quiet=quiet, workers=workers, memory_budget=memory_budget)
