@@ -27,9 +27,12 @@ from fusion_jax.hf.files import TOKENIZER_FILES
 from fusion_jax.hf.safetensors_io import (SafetensorsReader, ShardedWriter, TensorSpec, aligned_empty,
                                           parse_size)
 from fusion_jax.merging import kernels, rng
-from fusion_jax.merging.config import MergeConfig, Source, load_config, resolve_parameter
+from fusion_jax.merging.config import MergeConfig, Source, load_config, read_documents, resolve_parameter
 from fusion_jax.merging.methods import check_group, merge_group, rescale_mode
 from fusion_jax.merging.precision import COMPUTE_DTYPES, NP_DTYPES, dtype_name, guard_ones, promote
+from fusion_jax.merging.vocab import VocabPlan, resolve_chat_template
+from fusion_jax.merging.vocab import build as build_vocab
+from fusion_jax.merging.vocab import permute as permute_vocab
 from fusion_jax.utils.atomic import atomic_directory
 from fusion_jax.utils.malloc import retain_freed_memory
 
@@ -120,9 +123,15 @@ class Plan:
     jobs: list[Job]
     donor: Model
     out_config: dict
-    tokenizer: Any = None  # a transformers tokenizer to save (union), else None
-    tokenizer_dir: Path | None = None
-    permutations: dict | None = None  # model index -> int array (out id -> orig id or -1)
+    vocab: VocabPlan | None = None  # the output vocabulary (tokenizer_source / tokenizer block)
+    chat_template: str | None = None  # resolved Jinja text (chat_template key)
+
+    def base_index(self, job: Job) -> int | None:
+        """The model index of ``job``'s base model (the slice's or the config's), if any."""
+        if job.base_pos is not None:
+            return job.inputs[job.base_pos][0]
+        names = [m.name for m in self.models]
+        return names.index(self.config.base_model) if self.config.base_model in names else None
 
     @property
     def total_in_bytes(self) -> int:
@@ -193,7 +202,7 @@ def plan_merge(cfg: MergeConfig, seed: int = 0, compute_dtype: str | None = None
     if "lm_head.weight" not in donor.reader and donor.config.get("tie_word_embeddings") is False:
         post.append("lm_head.weight")
 
-    vocab = _vocab_setup(cfg, models, idx, donor) if cfg.tokenizer_source else None
+    vocab = build_vocab(cfg, models, models.index(donor)) if cfg.vocab_source else None
     out_dtype_name = cfg.out_dtype or cfg.dtype
     jobs: list[Job] = []
 
@@ -223,7 +232,7 @@ def plan_merge(cfg: MergeConfig, seed: int = 0, compute_dtype: str | None = None
             return
         is_vocab = _is_vocab(out_name) and vocab is not None
         if is_vocab:
-            shape = (len(vocab["vocab"]),) + tuple(shapes[0][1:])
+            shape = (vocab.size,) + tuple(shapes[0][1:])
             if len({sh[1:] for sh in shapes}) > 1:
                 raise ShapeMismatchError(f"tensor {out_name!r}: non-vocabulary dimensions differ: " + ", ".join(
                     f"{s.model}: {list(sh)}" for s, sh in zip(srcs, shapes)))
@@ -283,10 +292,9 @@ def plan_merge(cfg: MergeConfig, seed: int = 0, compute_dtype: str | None = None
         out_config["torch_dtype" if "torch_dtype" in out_config else "dtype"] = out_dtype_name
     plan = Plan(cfg, models, jobs, donor, out_config)
     if vocab is not None:
-        out_config["vocab_size"] = len(vocab["vocab"])
-        plan.tokenizer = vocab["tokenizer"]
-        plan.permutations = vocab["perms"]
-        plan.tokenizer_dir = vocab["dir"]
+        out_config["vocab_size"] = vocab.size
+        plan.vocab = vocab
+    plan.chat_template = resolve_chat_template(cfg.chat_template, models)
     return plan
 
 
@@ -305,117 +313,6 @@ def _check_contract(spec, inputs: list[str], base: str | None, where: str) -> No
             spec.max_non_base is not None and nb > spec.max_non_base):
         raise ConfigError(f"merge method {spec.name!r} needs {spec.min_non_base}"
                           f"{'' if spec.max_non_base == spec.min_non_base else '+'} non-base models, got {nb} ({where})")
-
-
-# -- vocabularies (mergekit tokenizer_source semantics) -----------------------------------------------
-
-def _vocab_setup(cfg: MergeConfig, models, idx, donor) -> dict:
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover
-        raise ConfigError("tokenizer_source needs transformers installed") from e
-
-    def load(m: Model):
-        try:
-            return transformers.AutoTokenizer.from_pretrained(str(m.path))
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"tokenizer_source: cannot load the tokenizer of {m.name!r}: {e}") from None
-
-    def vsize(m: Model, tok) -> int:
-        return int(m.config.get("vocab_size") or len(tok.get_vocab()))
-
-    base_m = models[idx[cfg.base_model]] if cfg.base_model else models[0]
-    # As mergekit does, a model directory that ships no tokenizer at all (common for fine-tunes saved with
-    # save_pretrained alone) is taken to share the base model's; a tokenizer that is present but broken
-    # is still an error.
-    has_tok = [any((Path(m.path) / f).is_file() for f in TOKENIZER_FILES) for m in models]
-    if not has_tok[models.index(base_m)]:
-        raise ConfigError(f"tokenizer_source: the base model {base_m.name!r} has no tokenizer files")
-    base_tok = load(base_m)
-    toks = {}
-    for i, m in enumerate(models):
-        if m is base_m:
-            toks[i] = base_tok
-        elif has_tok[i]:
-            toks[i] = load(m)
-        else:
-            warnings.warn(f"tokenizer_source: {m.name!r} has no tokenizer files; assuming it shares the "
-                          f"base model's ({base_m.name!r})", stacklevel=2)
-            toks[i] = base_tok
-    out_tok, out_dir = None, None
-    ts = cfg.tokenizer_source
-    if ts == "base":
-        btok = toks[models.index(base_m)]
-        vocab = {t: i for t, i in btok.get_vocab().items() if i < vsize(base_m, btok)}
-        out_dir = base_m.path
-    elif ts == "union":
-        out_tok = load(base_m)
-        base_vocab = out_tok.get_vocab()
-        extra = []
-        seen = set(base_vocab)
-        for i, m in enumerate(models):
-            added = {a.content for a in toks[i].added_tokens_decoder.values()}
-            for t, k in sorted(toks[i].get_vocab().items(), key=lambda kv: kv[1]):
-                if k >= vsize(m, toks[i]) or t in seen:
-                    continue
-                seen.add(t)
-                extra.append((t, t in added))
-        # one add_tokens call per run of equally special tokens: ids are given in list order, and each
-        # call rebuilds the tokenizer's added-token matcher (one call per token is quadratic)
-        for special, run in itertools.groupby(extra, key=lambda e: e[1]):
-            out_tok.add_tokens([t for t, _ in run], special_tokens=special)
-        vocab = out_tok.get_vocab()
-    else:
-        if ts not in idx:
-            src = _open_model(ts, cfg.resolve_path(ts))
-            tk = load(src)
-        else:
-            src, tk = models[idx[ts]], toks[idx[ts]]
-        vocab = tk.get_vocab()
-        out_dir = src.path
-    perms = {}
-    for i, m in enumerate(models):
-        mv = toks[i].get_vocab()
-        vs = vsize(m, toks[i])
-        p = np.full(len(vocab), -1, np.int64)
-        for t, new in vocab.items():
-            o = mv.get(t)
-            if o is not None and o < vs and new < len(vocab):
-                p[new] = o
-        perms[i] = p
-    return {"vocab": vocab, "tokenizer": out_tok, "dir": out_dir, "perms": perms}
-
-
-def permute_vocab(job: Job, arrays: list[np.ndarray], perms: dict, base_pos: int | None) -> list[np.ndarray]:
-    """Align each input's rows to the output vocabulary (mergekit ``PermutedVocabulary``): a token
-    missing from some models takes the row of the only model that has it, else the base's row, else
-    the mean of the models that have it (zeros if none has it)."""
-    models = [m for m, _ in job.inputs]
-    P = np.stack([perms[m] for m in models])  # [n, V]
-    present = P >= 0
-    V = P.shape[1]
-    rows = [np.where(present[i][:, None], a[np.maximum(P[i], 0)].astype(np.float32), 0.0)
-            for i, a in enumerate(arrays)]
-    fill = np.zeros((V,) + arrays[0].shape[1:], np.float32)
-    count = present.sum(0)
-    missing_somewhere = count < len(models)
-    if missing_somewhere.any():
-        for tok in np.nonzero(missing_somewhere)[0]:
-            have = np.nonzero(present[:, tok])[0]
-            if len(have) == 0:
-                continue
-            if len(have) == 1:
-                fill[tok] = rows[have[0]][tok]
-            elif base_pos is not None and present[base_pos, tok]:
-                fill[tok] = rows[base_pos][tok]
-            else:
-                fill[tok] = np.mean([rows[h][tok] for h in have], axis=0)
-    out = []
-    for i in range(len(arrays)):
-        r = aligned_empty(rows[i].shape, arrays[i].dtype)  # aligned: XLA:CPU adopts it without a copy
-        r[...] = np.where(present[i][:, None], rows[i], fill)
-        out.append(r)
-    return out
 
 
 # -- execution ---------------------------------------------------------------------------------------
@@ -511,7 +408,9 @@ class _Runner:
             self._copy(job, writer)
             return in_bytes
         if job.vocab:
-            arrays = permute_vocab(job, self.read(job), self.plan.permutations, job.base_pos)
+            base = self.plan.base_index(job)
+            arrays = permute_vocab(job.name, self.read(job), [m for m, _ in job.inputs], self.plan.vocab, base,
+                                   job.dtype)
             arrays = [a.reshape(-1) for a in arrays]
         elif self.streamable(job) and in_bytes > self.budget:
             arrays = None  # read chunk by chunk
@@ -653,17 +552,49 @@ def _write_metadata(plan: Plan, out: Path) -> None:
     gen = plan.donor.path / "generation_config.json"
     if gen.is_file():
         shutil.copy(gen, out / "generation_config.json")
-    if plan.tokenizer is not None:
-        plan.tokenizer.save_pretrained(str(out))
-    else:
-        src = plan.tokenizer_dir or plan.donor.path
-        for f in TOKENIZER_FILES:
-            if (src / f).is_file():
-                shutil.copy(src / f, out / f)
+    _write_tokenizer(plan, out)
     cfg_raw = plan.config.raw
     if cfg_raw:
         import yaml
         (out / "fusion_jax_merge.yml").write_text(yaml.safe_dump(cfg_raw, sort_keys=False))
+
+
+def check_output_path(out: Path, inputs) -> None:
+    """Refuse an output path that is, contains or lies inside an input model's directory: the merge
+    (with --overwrite) would replace or delete its own inputs. Symlinks are resolved first."""
+    o = Path(os.path.realpath(out))
+    for p in inputs:
+        i = Path(os.path.realpath(p))
+        if o == i or i in o.parents or o in i.parents:
+            what = "is" if o == i else "is inside" if i in o.parents else "contains"
+            raise ConfigError(f"output path {out} {what} the input model directory {p}; "
+                              "choose an output path outside every input")
+
+
+def _write_tokenizer(plan: Plan, out: Path) -> None:
+    """As mergekit: a built vocabulary's tokenizer is saved by transformers (with the chat template);
+    without one, the donor's tokenizer files are copied, or re-saved when a chat_template is given."""
+    donor = plan.donor.path
+    if plan.vocab is not None:
+        tok = plan.vocab.tokenizer
+    elif plan.config.chat_template is None and (donor / "tokenizer_config.json").is_file() and (
+            (donor / "tokenizer.json").is_file() or (donor / "tokenizer.model").is_file()):
+        for f in TOKENIZER_FILES:
+            if (donor / f).is_file():
+                shutil.copy(donor / f, out / f)
+        return
+    else:
+        import transformers
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(donor))
+        except Exception as e:  # noqa: BLE001  (no tokenizer to carry over: mergekit warns and goes on)
+            if plan.config.chat_template:
+                warnings.warn(f"chat_template: {plan.donor.name!r} has no loadable tokenizer ({e}); "
+                              "the output has no tokenizer", stacklevel=2)
+            return
+    if plan.chat_template:
+        tok.chat_template = plan.chat_template
+    tok.save_pretrained(str(out))
 
 
 def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size="5GB",
@@ -678,10 +609,16 @@ def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size
             parse_size(size)
         except ValueError as e:
             raise ConfigError(f"{opt}: {e}") from None
+    if not isinstance(config, (MergeConfig, dict)) and len(read_documents(config)) > 1:
+        from fusion_jax.merging.multi import merge_documents
+        return merge_documents(config, out_dir, seed=seed, device=device, out_shard_size=out_shard_size,
+                               overwrite=overwrite, quiet=quiet, workers=workers, memory_budget=memory_budget,
+                               compute_dtype=compute_dtype)
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FusionError(f"output path {out} already exists")
+    check_output_path(out, [cfg.resolve_path(m) for m in cfg.referenced_models()])
     plan = plan_merge(cfg, seed=seed, compute_dtype=compute_dtype)
     try:
         return execute(plan, out, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
