@@ -17,6 +17,7 @@ from jax import lax
 
 from fusion_jax.merging import select
 from fusion_jax.merging.precision import barrier, dtype_name, fma_guard, guard_ones, rounder
+from fusion_jax.merging.reduction import fixed_sum, row_sum
 from fusion_jax.merging.task_vectors import consensus_mask, seq_sum
 
 
@@ -97,9 +98,9 @@ def ramplus_tl(base, others, r=0.1, alpha=0.2, epsilon=1e-5, dtype="float32"):
         shared = jnp.sum(z & (counts > 1), dtype=jnp.int32).astype(jnp.float32)
         unique = jnp.sum(z & (counts == 1), dtype=jnp.int32).astype(jnp.float32)
         rho = shared / jnp.maximum(unique, jnp.float32(epsilon))
-        lam = 1.0 + jnp.float32(r) * jnp.clip(rho, 0.0, jnp.float32(alpha))
+        lam = 1.0 + barrier(jnp.float32(r) * jnp.clip(rho, 0.0, jnp.float32(alpha)))
         tz = jnp.where(z, tv, 0.0)
-        parts.append(jnp.where(counts == 1, tz, 0.0) * lam + R(jnp.where(counts > 1, tz, 0.0) / cnt))
+        parts.append(barrier(jnp.where(counts == 1, tz, 0.0) * lam) + R(jnp.where(counts > 1, tz, 0.0) / cnt))
     return b + seq_sum(parts)
 
 
@@ -125,7 +126,7 @@ def arcee_fusion(base, other, dtype="float32", host=False):
     diff = jnp.abs(R(p - a))
     sp = R(R(_softmax(p)) + jnp.float32(1e-8))
     sq = R(R(_softmax(a)) + jnp.float32(1e-8))
-    kl = R(jnp.sum(R(sp * R(jnp.log(R(sp / sq)))), axis=-1, keepdims=True))
+    kl = R(row_sum(R(sp * R(jnp.log(R(sp / sq)))), keepdims=True))
     imp = R(diff * kl)
     n = imp.size
     # mergekit: (q * (n - 1)).long() with q a float32 tensor
@@ -138,7 +139,7 @@ def arcee_fusion(base, other, dtype="float32", host=False):
 
 def _softmax(x):
     e = jnp.exp(x - jnp.max(x, axis=-1, keepdims=True))
-    return e / jnp.sum(e, axis=-1, keepdims=True)
+    return e / row_sum(e, keepdims=True)
 
 
 # -- FuseChat: VaRM and SCE -------------------------------------------------------------------------
@@ -150,10 +151,10 @@ def varm(base, others, dtype="float32"):
     R = rounder(dtype)
     b = R(base)
     xs = [R(x) for x in others]
-    v = jnp.stack([jnp.mean((x - b) ** 2) for x in xs])
+    v = jnp.stack([fixed_sum(barrier((x - b) ** 2)) / b.size for x in xs])
     tot = v.sum()
     w = jnp.where(tot > 0, v / jnp.where(tot > 0, tot, 1.0), 1.0 / len(xs))
-    return R(sum(w[i] * x for i, x in enumerate(xs)))
+    return R(seq_sum([barrier(w[i] * x) for i, x in enumerate(xs)]))
 
 
 def _sce_select(tvs, topk, R, host):
@@ -187,7 +188,7 @@ def sce(base, others, select_topk=1.0, variant="mergekit", dtype="float32", host
     else:
         sel = _sce_select(tvs, select_topk, R, host)
     masked = tvs if sel is None else [jnp.where(sel, tv, 0.0) for tv in tvs]
-    wv = [R(jnp.mean(R(t * t))) for t in masked]
+    wv = [R(fixed_sum(R(t * t)) / t.size) for t in masked]
     tot = R(seq_sum(wv))
     if variant == "mergekit":
         small = jnp.abs(tot) < 1e-6

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from fusion_jax.merging.precision import rounder
+from fusion_jax.merging.precision import barrier, rounder
+from fusion_jax.merging.reduction import fixed_sum, row_sum
 from fusion_jax.merging.task_vectors import seq_sum
 
 
+def _sum(x, axis=None, keepdims=False):
+    """Whole-tensor (``axis=None``) or last-axis sum in a fixed order (:mod:`.reduction`), so a kernel
+    gives the same bits eager, jitted or sharded (torch's own order is not reproducible; its 16-bit
+    results are, since each sum is then rounded)."""
+    if axis is None:
+        return fixed_sum(x)
+    assert axis == -1
+    return row_sum(x, keepdims)
+
+
 def _norm(x, axis=None, keepdims=False):
-    return jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=keepdims))
+    return jnp.sqrt(_sum(barrier(x * x), axis, keepdims))
 
 
 def slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8, dtype="float32"):
@@ -26,14 +37,14 @@ def slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8, dtype="float32"):
     na, nb = _norm(a), _norm(b)
     na = jnp.where(na > eps, na, 1.0)
     nb = jnp.where(nb > eps, nb, 1.0)
-    dot = jnp.clip(jnp.sum((a / na) * (b / nb)), -1, 1)
+    dot = jnp.clip(_sum(barrier((a / na) * (b / nb))), -1, 1)
     lin = jnp.abs(dot) > dot_threshold
     theta = jnp.arccos(jnp.where(lin, 0.0, dot))
     s = jnp.sin(theta)
     t = jnp.float32(t)
     ca = jnp.where(lin, 1 - t, jnp.sin((1 - t) * theta) / jnp.where(lin, 1.0, s))
     cb = jnp.where(lin, t, jnp.sin(t * theta) / jnp.where(lin, 1.0, s))
-    return R(ca * a + cb * b)
+    return R(barrier(ca * a) + barrier(cb * b))  # torch: two products, then the sum (no FMA)
 
 
 def _nuslerp_core(t, v0, v1, row_wise, flatten, R, eps=1e-8):
@@ -46,7 +57,7 @@ def _nuslerp_core(t, v0, v1, row_wise, flatten, R, eps=1e-8):
     def unit(x):
         return R(x / jnp.maximum(R(_norm(x, axis=-1, keepdims=True)), 1e-7))
 
-    cos = jnp.clip(R(jnp.sum(R(unit(v0) * unit(v1)), axis=-1, keepdims=True)), -1, 1)
+    cos = jnp.clip(R(_sum(R(unit(v0) * unit(v1)), axis=-1, keepdims=True)), -1, 1)
     colinear = R(1 - R(cos * cos)) <= eps ** 2
     theta = R(jnp.arccos(jnp.where(colinear, 0.0, cos)))
     s = R(jnp.sin(theta))
@@ -97,7 +108,7 @@ def multislerp(tensors, weights, base=None, normalize_weights=True, eps=1e-8, dt
     mean_norm = R(_norm(mean))
     degenerate = mean_norm < eps
     mean = R(mean / jnp.where(degenerate, 1.0, mean_norm))
-    tangents = [R(u - R(R(jnp.sum(R(u * mean))) * mean)) for u in units]
+    tangents = [R(u - R(R(_sum(R(u * mean))) * mean)) for u in units]
     tangent = R(seq_sum([R(tv * wi) for tv, wi in zip(tangents, w)]))
     tn = R(R(_norm(tangent)) + eps)
     res = R(R(mean * R(jnp.cos(tn))) + R(tangent * R(R(jnp.sin(tn)) / tn)))
@@ -139,7 +150,7 @@ def karcher(tensors, max_iter=10, tol=1e-5, dtype="float32"):
     for _ in range(int(max_iter)):
         tangent = jnp.zeros_like(mean)
         for u, v in zip(units, valid):
-            dot = jnp.clip(R(jnp.sum(mean * u)), -1.0, 1.0)
+            dot = jnp.clip(R(_sum(barrier(mean * u))), -1.0, 1.0)
             theta = R(jnp.arccos(dot))
             coef = R(a_norm * R(theta / R(jnp.sin(theta))))
             step = R(tangent + R(coef * R(u - R(dot * mean))))
@@ -152,7 +163,7 @@ def karcher(tensors, max_iter=10, tol=1e-5, dtype="float32"):
         new = jnp.where(un > tol, R(new / jnp.where(un > tol, un, 1.0)), new)
         mean = jnp.where(done | stop, mean, new)
         done = done | stop
-    scale = seq_sum([jnp.float32(alpha) * nv for nv in norms])
+    scale = seq_sum([barrier(jnp.float32(alpha) * nv) for nv in norms])
     res = R(scale * mean)
     return jnp.where(any_valid, res, 0.0).reshape(shape)
 
@@ -181,7 +192,7 @@ def model_stock(base, others, filter_wise=False, dtype="float32"):
     for i, a in enumerate(offs):
         for b in offs[i + 1:]:
             den = R(R(_norm(a, axis=-1)) * R(_norm(b, axis=-1)))
-            coss.append(jnp.clip(R(R(jnp.sum(R(a * b), axis=-1)) / jnp.maximum(den, 1e-6)), -1, 1))
+            coss.append(jnp.clip(R(R(_sum(R(a * b), axis=-1)) / jnp.maximum(den, 1e-6)), -1, 1))
     cos = R(seq_sum(coss) / len(coss))[..., None]
     n = len(ws)
     den = R(1 + R((n - 1) * cos))

@@ -237,7 +237,7 @@ def merge_group(spec: MethodSpec, tensors: Sequence, base_index: int | None, sha
             base, others, weights=g("weight"), densities=g("density", 1.0),
             sparsification=spec.sparsify, consensus=spec.consensus, normalize=bool(shared["normalize"]),
             rescale=rescale_mode(shared["rescale"]), lambda_=float(shared["lambda"]),
-            streams=list(streams) if streams is not None else None,
+            streams=streams,
             gammas=g("gamma", 0.01), epsilons=g("epsilon", 0.15), dtype=dtype, host=host)
     weights = [per_input[i].get("weight") for i in nb]
     if name == "linear":

@@ -69,9 +69,11 @@ def fma_guard(ones):
         _GUARD.ones = prev
 
 
-def guard_ones() -> np.ndarray:
-    """The value to pass as :func:`fma_guard`'s runtime argument."""
-    return np.uint32(0xFFFFFFFF)
+def guard_ones():
+    """The value to pass as :func:`fma_guard`'s runtime argument: the active guard's (a tracer of the
+    enclosing jitted function, when called while tracing one), else a fresh all-ones uint32."""
+    ones = getattr(_GUARD, "ones", None)
+    return ones if ones is not None else np.uint32(0xFFFFFFFF)
 
 
 def barrier(x):

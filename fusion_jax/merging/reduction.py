@@ -71,3 +71,11 @@ def tree_total(partials):
 def fixed_sum(v):
     """The fixed-order float32 sum of a whole tensor (:func:`block_partials` then :func:`tree_total`)."""
     return tree_total(block_partials(v))
+
+
+def row_sum(v, keepdims: bool = False):
+    """Fixed-order float32 sum over the last axis (halving tree over the axis, zero padded to a
+    power of two): the same bits eager or jitted, whole or in a bigger fusion."""
+    v = jnp.asarray(v, jnp.float32)
+    out = tree_total(v)
+    return out[..., None] if keepdims else out

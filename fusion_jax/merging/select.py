@@ -9,9 +9,10 @@ mergekit's only in which of the tied elements at the cut are kept.
 XLA's sort is slow on the CPU (measured, 4M float32: 1.7-2.4 s; ``np.partition`` 16 ms) and needs the
 whole tensor on one device. So the k-th key is found without sorting: by default a 32-step binary
 search over the keys' uint32 bit patterns, each step one count (a global reduction, so a tensor sharded
-over a mesh is never gathered); with ``host=True`` (the file executor, whose tensors are on the host)
-NumPy's introselect through a callback. Both return the same integer, and the mask is then built the
-same way, so the two paths give identical masks (tested).
+over a mesh is never gathered), and the tied elements to keep by a second binary search over their
+flat index; with ``host=True`` (the file executor, whose tensors are on the host) NumPy does both
+searches through a callback. Both find the same two integers, and the mask is then built the same way,
+so the two paths give identical masks (tested).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from fusion_jax.merging import rng
 
 _ALL = 0xFFFFFFFF
 
@@ -32,12 +35,11 @@ def magnitude_key(x, largest: bool):
 
 def _kth_host(key: np.ndarray, m: np.ndarray) -> np.ndarray:
     m = int(m)
-    return np.asarray(np.partition(key, m - 1)[m - 1] if 0 < m <= key.size else 0, np.uint32)
+    return np.asarray(np.partition(key.reshape(-1), m - 1)[m - 1] if 0 < m <= key.size else 0, np.uint32)
 
 
 def kth_smallest(key, m, host: bool = False):
     """The m-th smallest uint32 key (1-based; 0 when m <= 0): the smallest v with #(key <= v) >= m."""
-    key = key.reshape(-1)
     m = jnp.asarray(m, jnp.int32)
     if host:
         return jax.pure_callback(_kth_host, jax.ShapeDtypeStruct((), jnp.uint32), key, m)
@@ -52,19 +54,43 @@ def kth_smallest(key, m, host: bool = False):
     return jnp.where(m > 0, lo, jnp.uint32(0))
 
 
+def _index_cut_host(at: np.ndarray, need: np.ndarray) -> np.ndarray:
+    need = int(need)
+    hits = np.flatnonzero(at)
+    return np.asarray(0 if need <= 0 else hits[need - 1] + 1 if need <= hits.size else at.size, np.uint32)
+
+
+def _index_cut(at, need, idx, host: bool):
+    """The smallest J with #(at & index < J) >= need (0 if need <= 0): keep the ``need`` tied elements
+    of lowest flat index."""
+    if host:
+        return jax.pure_callback(_index_cut_host, jax.ShapeDtypeStruct((), jnp.uint32), at, need)
+    n = at.size
+
+    def search(_):
+        def step(_, lohi):
+            lo, hi = lohi
+            mid = lo + (hi - lo) // 2
+            ok = jnp.sum(at & (idx < mid), dtype=jnp.int32) >= need
+            return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+        return lax.fori_loop(0, max(1, int(n).bit_length()), step, (jnp.uint32(0), jnp.uint32(n)))[0]
+
+    total = jnp.sum(at, dtype=jnp.int32)
+    return lax.cond((need > 0) & (need < total), search,
+                    lambda _: jnp.where(need <= 0, jnp.uint32(0), jnp.uint32(n)), None)
+
+
 def first_k(key, k, host: bool = False):
     """Boolean mask (key's shape) of the first ``k`` elements in (key, flat index) order.
 
     ``k`` may be traced; k <= 0 keeps nothing, k >= size everything."""
-    shape = key.shape
-    flat = key.reshape(-1)
-    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, flat.size)
-    cut = kth_smallest(flat, k, host)
-    below = flat < cut
-    at = flat == cut
+    k = jnp.clip(jnp.asarray(k, jnp.int32), 0, key.size)
+    cut = kth_smallest(key, k, host)
+    below = key < cut
+    at = (key == cut) & (k > 0)
     need = k - jnp.sum(below, dtype=jnp.int32)
-    keep = below | (at & (jnp.cumsum(at.astype(jnp.int32)) <= need))
-    return keep.reshape(shape)
+    idx = rng.flat_index(key.shape)
+    return below | (at & (idx < _index_cut(at, need, idx, host)))
 
 
 def _rank_rows_host(x: np.ndarray) -> np.ndarray:

@@ -85,13 +85,13 @@ def _sparsify(delta, i, a, *, method, rescale, dtype, host):
     work = sparsify_dtype(dtype)
     W = rounder(work)
     if method == "random":
-        keep = rng.bits(delta.size, a["stream"][i]).reshape(delta.shape) < a["threshold"][i]
+        keep = rng.bits_nd(delta.shape, a["stream"][i]) < a["threshold"][i]
         masked = jnp.where(keep, delta, 0.0)
         if rescale == "inverse":
             masked = W(masked * a["inv_density"][i])
     elif method == "della":
         p = della_probs(delta, a["low"][i], a["epsilon"][i], work, host)
-        u = rng.bits(delta.size, a["stream"][i]).reshape(delta.shape)
+        u = rng.bits_nd(delta.shape, a["stream"][i])
         keep = u < jnp.clip(p * 4294967296.0, 0, 4294967295.0).astype(jnp.uint32)
         masked = jnp.where(keep, delta, 0.0)
         if rescale == "inverse":
@@ -175,7 +175,7 @@ def prepare(method, n: int, weights, densities, gammas, epsilons, streams, lambd
             k_bot[i], k[i] = outlier_window(d, gammas[i], n)
     arrays = {
         "weight": np.asarray(weights, np.float32), "lambda": np.float32(lambda_), "k": k, "k_bot": k_bot,
-        "stream": np.asarray(streams, np.uint32),
+        "stream": jnp.asarray(streams, jnp.uint32),  # may be traced (the pytree path)
         "threshold": np.asarray([rng.threshold(d) for d in densities], np.uint32),
         "inv_density": np.asarray([1.0 / d if 0 < d < 1 else 1.0 for d in densities], np.float32),
         "low": np.asarray([d - e for d, e in zip(densities, epsilons)], np.float32),
@@ -206,7 +206,7 @@ def task_vector_merge(base, others: Sequence, *, weights, densities=None, sparsi
     n = int(np.prod(base.shape))
     arrays, modes = prepare(sparsification, n, list(weights), list(densities or [1.0] * m),
                             list(gammas or [0.01] * m), list(epsilons or [0.15] * m),
-                            list(streams or [0] * m), lambda_, rescale)
+                            streams if streams is not None else [0] * m, lambda_, rescale)
     return _merge_core(base, tuple(others), arrays, modes=modes, method=sparsification, consensus=consensus,
                        normalize=bool(normalize), rescale=rescale, dtype=dtype_name(dtype), host=host)
 
