@@ -48,6 +48,7 @@ def slerp(t, v0, v1, dot_threshold=0.9995, eps=1e-8, dtype="float32"):
 
 
 def _nuslerp_core(t, v0, v1, row_wise, flatten, R, eps=1e-8):
+    """``t`` is the pair (1 - t, t) as float32 values (mergekit computes both in Python floats)."""
     shape = v0.shape
     if flatten:
         v0, v1 = v0.reshape(-1), v1.reshape(-1)
@@ -61,7 +62,7 @@ def _nuslerp_core(t, v0, v1, row_wise, flatten, R, eps=1e-8):
     colinear = R(1 - R(cos * cos)) <= eps ** 2
     theta = R(jnp.arccos(jnp.where(colinear, 0.0, cos)))
     s = R(jnp.sin(theta))
-    a, b = jnp.float32(1 - t), jnp.float32(t)
+    a, b = (jnp.asarray(x, jnp.float32) for x in t)
     res = R(R(R(R(jnp.sin(R(a * theta))) * v0) + R(R(jnp.sin(R(b * theta))) * v1)) / jnp.where(colinear, 1.0, s))
     res = jnp.where(colinear, R(R(a * v0) + R(b * v1)), res)
     if row_wise and not flatten:
@@ -69,12 +70,15 @@ def _nuslerp_core(t, v0, v1, row_wise, flatten, R, eps=1e-8):
     return res.reshape(shape)
 
 
-def nuslerp(tensors, weights, base=None, row_wise=False, flatten=True, dtype="float32"):
+def nuslerp(tensors, weights, base=None, row_wise=False, flatten=True, dtype="float32", t=None):
     """mergekit ``nuslerp``: t = w1 / (w0 + w1) (0.5 if the sum is ~0); with a base, interpolate the
-    task vectors and add them back; ``row_wise`` interpolates each row, ``flatten`` the whole tensor."""
+    task vectors and add them back; ``row_wise`` interpolates each row, ``flatten`` the whole tensor.
+    ``t``: the pair (1 - t, t) already computed (else from ``weights``)."""
     R = rounder(dtype)
-    total = sum(weights)
-    t = 0.5 if abs(total) < 1e-6 else weights[1] / total
+    if t is None:
+        total = sum(weights)
+        tt = 0.5 if abs(total) < 1e-6 else weights[1] / total
+        t = (1 - tt, tt)
     x0, x1 = (R(x) for x in tensors)
     if base is not None:
         b = R(base)

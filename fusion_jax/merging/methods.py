@@ -11,11 +11,16 @@ registry does. Kernels take float arrays and return float32 arrays holding value
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
+import jax
+import numpy as np
+
 from fusion_jax.errors import ConfigError
 from fusion_jax.merging import elementwise, geometry
+from fusion_jax.merging.precision import dtype_name, fma_guard, guard_ones
 from fusion_jax.merging.task_vectors import task_vector_merge
 
 REQUIRED = object()
@@ -81,7 +86,7 @@ class MethodSpec:
     random: bool = False
     doc: str = ""
     mergekit: str | None = None  # mergekit 0.1.5's name for the method (None: fusion-jax only)
-    parity: str = ""  # how it is tested against mergekit: "exact" | "statistics" | ""
+    parity: str = ""  # how it matches mergekit: "exact" | "statistics" | "scale" (1 unit of the tensor's scale) | ""
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -141,7 +146,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
     MethodSpec("karcher", (Param("max_iter", int, "shared", 10, 1.0), Param("tol", float, "shared", 1e-5, 0.0,
                                                                             lo_open=True)),
                base="ignored", doc="Karcher (Riemannian) mean of the models' directions, scaled by the mean norm",
-               mergekit="karcher", parity="exact"),
+               mergekit="karcher", parity="scale"),
     MethodSpec("model_stock", (Param("filter_wise", bool, "shared", False),), base="required", min_inputs=3,
                doc="Model Stock", mergekit="model_stock", parity="exact"),
     MethodSpec("nearswap", (Param("t", float, "shared", REQUIRED, 0.0),), base="required", min_inputs=2,
@@ -239,35 +244,77 @@ def merge_group(spec: MethodSpec, tensors: Sequence, base_index: int | None, sha
             rescale=rescale_mode(shared["rescale"]), lambda_=float(shared["lambda"]),
             streams=streams,
             gammas=g("gamma", 0.01), epsilons=g("epsilon", 0.15), dtype=dtype, host=host)
-    weights = [per_input[i].get("weight") for i in nb]
-    if name == "linear":
-        return elementwise.linear(tensors, [p["weight"] for p in per_input], shared["normalize"], dtype)
-    if name == "slerp":
-        return geometry.slerp(shared["t"], base, others[0], dtype=dtype)
-    if name == "nuslerp":
-        return geometry.nuslerp(others, weights, base, shared["nuslerp_row_wise"], shared["nuslerp_flatten"],
-                                dtype)
-    if name == "multislerp":
-        return geometry.multislerp(others, weights, base, shared["normalize_weights"], shared["eps"], dtype)
-    if name == "karcher":
-        return geometry.karcher(tensors, int(shared["max_iter"]), shared["tol"], dtype)
-    if name == "model_stock":
-        return geometry.model_stock(base, others, shared["filter_wise"], dtype)
-    if name == "nearswap":
-        return elementwise.nearswap(base, others[0], shared["t"], dtype)
-    if name == "arcee_fusion":
-        return elementwise.arcee_fusion(base, others[0], dtype, host)
-    if name == "ram":
-        return elementwise.ram(base, others, shared["epsilon"], dtype)
-    if name == "ramplus_tl":
-        return elementwise.ramplus_tl(base, others, shared["r"], shared["alpha"], shared["epsilon"], dtype)
-    if name == "passthrough":
-        return elementwise.passthrough(tensors[0], per_input[0].get("scale"), dtype)
-    if name == "varm":
-        return elementwise.varm(base, others, dtype)
-    if name in ("sce", "sce_fusechat"):
-        return elementwise.sce(base, others, shared["select_topk"], "mergekit" if name == "sce" else "fusechat",
-                               dtype, host)
+    nums, static = _split_params(spec, shared, per_input, nb)
+    return _other_kernel(tuple(tensors), nums, guard_ones(), name=name, base_index=base_index, static=static,
+                         dtype=dtype_name(dtype), host=host)
+
+
+def _split_params(spec: MethodSpec, shared: dict, per_input: Sequence[dict], nb: list[int]):
+    """Host side of :func:`merge_group` for the methods outside the task-vector family: numbers that only
+    enter arithmetic become float32 arrays (traced: one compilation serves every value of a gradient);
+    what steers the code (flags, counts, nuslerp's t from the weights) stays static."""
+    nums: dict = {}
+    static = {k: v for k, v in shared.items() if isinstance(v, bool) or (isinstance(v, int) and k == "max_iter")}
+    for k, v in shared.items():
+        if k not in static and isinstance(v, (int, float)) and not isinstance(v, bool):
+            nums[k] = np.float32(v)
+    if spec.name == "sce" or spec.name == "sce_fusechat":
+        static["select_topk"] = float(shared["select_topk"])
+        nums.pop("select_topk", None)
+    if spec.name == "linear":
+        nums["weight"] = np.asarray([p["weight"] for p in per_input], np.float32)
+    elif spec.name == "multislerp":
+        nums["weight"] = np.asarray([per_input[i]["weight"] for i in nb], np.float32)
+    elif spec.name == "nuslerp":  # mergekit: t = w1 / (w0 + w1) in Python floats, 1 - t likewise
+        w = [per_input[i]["weight"] for i in nb]
+        total = sum(w)
+        t = 0.5 if abs(total) < 1e-6 else w[1] / total
+        nums["t"], nums["1-t"] = np.float32(t), np.float32(1 - t)
+    elif spec.name == "passthrough":
+        scale = per_input[0].get("scale")
+        static["scaled"] = scale is not None
+        nums["scale"] = np.float32(scale if scale is not None else 1.0)
+    return nums, tuple(sorted(static.items()))
+
+
+@functools.partial(jax.jit, static_argnames=("name", "base_index", "static", "dtype", "host"))
+def _other_kernel(tensors, nums, ones, *, name, base_index, static, dtype, host):
+    """Every method outside the task-vector family, jitted (the same code on the file executor and
+    the pytree path, so the same bits)."""
+    st = dict(static)
+    nb = [i for i in range(len(tensors)) if i != base_index]
+    others = [tensors[i] for i in nb]
+    base = tensors[base_index] if base_index is not None else None
+    with fma_guard(ones):
+        if name == "linear":
+            return elementwise.linear_body(tensors, nums["weight"], ones, normalize=st["normalize"], dtype=dtype)
+        if name == "slerp":
+            return geometry.slerp(nums["t"], base, others[0], dtype=dtype)
+        if name == "nuslerp":
+            return geometry.nuslerp(others, None, base, st["nuslerp_row_wise"], st["nuslerp_flatten"], dtype,
+                                    t=(nums["1-t"], nums["t"]))
+        if name == "multislerp":
+            return geometry.multislerp(others, [nums["weight"][i] for i in range(len(others))], base,
+                                       st["normalize_weights"], nums["eps"], dtype)
+        if name == "karcher":
+            return geometry.karcher(tensors, int(st["max_iter"]), nums["tol"], dtype)
+        if name == "model_stock":
+            return geometry.model_stock(base, others, st["filter_wise"], dtype)
+        if name == "nearswap":
+            return elementwise.nearswap(base, others[0], nums["t"], dtype)
+        if name == "arcee_fusion":
+            return elementwise.arcee_fusion(base, others[0], dtype, host)
+        if name == "ram":
+            return elementwise.ram(base, others, nums["epsilon"], dtype)
+        if name == "ramplus_tl":
+            return elementwise.ramplus_tl(base, others, nums["r"], nums["alpha"], nums["epsilon"], dtype)
+        if name == "passthrough":
+            return elementwise.passthrough(tensors[0], nums["scale"] if st["scaled"] else None, dtype)
+        if name == "varm":
+            return elementwise.varm(base, others, dtype)
+        if name in ("sce", "sce_fusechat"):
+            return elementwise.sce(base, others, st["select_topk"], "mergekit" if name == "sce" else "fusechat",
+                                   dtype, host)
     raise ValueError(f"unknown merge method {name!r}")
 
 
@@ -297,6 +344,7 @@ def render_method_table() -> str:
     for m in METHODS.values():
         params = ", ".join(_param_text(p) for p in m.params if p.name != "int8_mask") or "-"
         match = {"exact": "exact (element for element)",
-                 "statistics": "statistics (kept fraction, rescale, signs)"}.get(m.parity, "- (fusion-jax only)")
+                 "statistics": "statistics (kept fraction, rescale, signs)",
+                 "scale": "to 1 unit in the last place of the tensor's scale"}.get(m.parity, "- (fusion-jax only)")
         rows.append(f"| `{m.name}` | {f'`{m.mergekit}`' if m.mergekit else '-'} | {params} | {match} |")
     return "\n".join(rows) + "\n"
