@@ -61,7 +61,7 @@ def della_probs(delta, low, epsilon, dtype="float32", host=False):
     of the sparsification dtype, so in bfloat16 they are rounded."""
     R = rounder(dtype)
     x = delta.reshape(1, -1) if delta.ndim < 2 else delta.reshape(delta.shape[0], -1)
-    ranks = R(select.row_ranks(jnp.abs(x), host).astype(jnp.float32) + 1.0)
+    ranks = R(R(select.row_ranks(jnp.abs(x), host).astype(jnp.float32)) + 1.0)  # torch: .to(dtype) + 1
     lo, hi = ranks.min(axis=1, keepdims=True), ranks.max(axis=1, keepdims=True)
     span = R(hi - lo)
     norm = jnp.clip(R(R(ranks - lo) / jnp.where(span == 0, 1.0, span)), 0.0, 1.0)
