@@ -117,7 +117,8 @@ def _key_float(key):
 
 def arcee_fusion(base, other, dtype="float32", host=False):
     """mergekit ``arcee_fusion``: importance = |other - base| * KL(softmax(other) || softmax(base)) per
-    row (last axis); elements whose importance >= median + 1.5 IQR take the other model's value.
+    row (last axis); elements whose importance >= median + 1.5 IQR take the other model's value
+    (base + (other - base), a float32 result, as mergekit's).
 
     The quartiles are exact over the whole tensor; mergekit estimates them from 1,000,000 elements drawn
     at random (with replacement) when a tensor has more, so there it is approximate and unseeded."""
@@ -134,7 +135,8 @@ def arcee_fusion(base, other, dtype="float32", host=False):
     key = _float_key(imp).reshape(-1)
     q1, med, q3 = (_key_float(select.kth_smallest(key, int(i) + 1, host)) for i in idx)
     threshold = R(med + R(jnp.float32(1.5) * R(q3 - q1)))
-    return R(a + R(R(p - a) * (imp >= threshold)))
+    # mergekit's mask is float32, so the last multiply and add promote to float32 (not rounded)
+    return a + R(p - a) * (imp >= threshold).astype(jnp.float32)
 
 
 def _softmax(x):

@@ -259,7 +259,8 @@ def plan_merge(cfg: MergeConfig, seed: int = 0, compute_dtype: str | None = None
             per_input.append(d)
         check_group(spec, shared, per_input, [s.model for s in srcs], base_pos, out_name)
         merge_dtype = dtype_name(cfg.dtype) if cfg.dtype else promote(in_dtypes).name
-        od = _NP_DTYPES[out_dtype_name] if out_dtype_name else _NP_DTYPES[merge_dtype]
+        result = "float32" if spec.result == "float32" and compute == "auto" else merge_dtype
+        od = _NP_DTYPES[cfg.out_dtype] if cfg.out_dtype else _NP_DTYPES[result]
         nb = [i for i in range(len(srcs)) if i != base_pos]
         streams = [rng.tensor_stream(seed, out_name, j) for j in range(len(nb))]
         jobs.append(Job(out_name, tuple(shape), od, [(idx[s.model], st) for s, st in zip(srcs, stored)],

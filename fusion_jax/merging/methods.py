@@ -86,7 +86,12 @@ class MethodSpec:
     random: bool = False
     doc: str = ""
     mergekit: str | None = None  # mergekit 0.1.5's name for the method (None: fusion-jax only)
-    parity: str = ""  # how it matches mergekit: "exact" | "statistics" | "scale" (1 unit of the tensor's scale) | ""
+    # how it matches mergekit: "exact" | "statistics" | "scale" (1 unit in the last place of the tensor's
+    # scale) | "threshold" (exact but for elements within a rounding of a data-dependent threshold) | ""
+    parity: str = ""
+    # mergekit's result dtype: "merge" (the merge dtype) or "float32" (its torch code promotes to float32,
+    # and with no out_dtype mergekit writes float32 tensors; fusion-jax does the same)
+    result: str = "merge"
 
     def param(self, name: str) -> Param | None:
         return next((p for p in self.params if p.name == name), None)
@@ -154,14 +159,14 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
                mergekit="nearswap", parity="exact"),
     MethodSpec("arcee_fusion", (), base="required", min_inputs=2, max_inputs=2,
                doc="the other model's values where |delta| x row KL divergence is an outlier (median + 1.5 IQR)",
-               mergekit="arcee_fusion", parity="exact"),
+               mergekit="arcee_fusion", parity="threshold", result="float32"),
     MethodSpec("ram", (Param("epsilon", float, "shared", 1e-5, 0.0),), base="required",
                doc="RAM: entries changed by one model keep its delta, shared ones average",
                mergekit="ram", parity="exact"),
     MethodSpec("ramplus_tl", (Param("r", float, "shared", 0.1, 0.0), Param("alpha", float, "shared", 0.2, 0.0),
                               Param("epsilon", float, "shared", 1e-5, 0.0, lo_open=True)),
                base="required", doc="RAM+ (tensor-local): unique entries scaled by the model's overlap ratio",
-               mergekit="ramplus_tl", parity="exact"),
+               mergekit="ramplus_tl", parity="exact", result="float32"),
     MethodSpec("passthrough", (Param("scale", float, "input", None),), base="ignored", max_inputs=1,
                doc="copy one model's tensor (optionally scaled)", mergekit="passthrough", parity="exact"),
     MethodSpec("varm", (), base="required", min_non_base=1,
@@ -345,6 +350,8 @@ def render_method_table() -> str:
         params = ", ".join(_param_text(p) for p in m.params if p.name != "int8_mask") or "-"
         match = {"exact": "exact (element for element)",
                  "statistics": "statistics (kept fraction, rescale, signs)",
-                 "scale": "to 1 unit in the last place of the tensor's scale"}.get(m.parity, "- (fusion-jax only)")
+                 "scale": "to 1 unit in the last place of the tensor's scale",
+                 "threshold": "exact, but for elements within a rounding of the outlier threshold"
+                 }.get(m.parity, "- (fusion-jax only)")
         rows.append(f"| `{m.name}` | {f'`{m.mergekit}`' if m.mergekit else '-'} | {params} | {match} |")
     return "\n".join(rows) + "\n"

@@ -146,7 +146,8 @@ def merge_pytrees(method: str, trees: Sequence, base=None, *, seed: int = 0, dty
         check_group(spec, shared, per_input, labels, base_index, name)
         in_dtypes = [np.dtype(a.dtype) for a in arrays]
         merge_dt = dtype_name(dtype) if dtype is not None else promote(in_dtypes).name
-        od = np.dtype(NP_DTYPES[dtype_name(out_dtype)] if out_dtype is not None else NP_DTYPES[merge_dt])
+        result = "float32" if spec.result == "float32" and compute_dtype == "auto" else merge_dt
+        od = np.dtype(NP_DTYPES[dtype_name(out_dtype)] if out_dtype is not None else NP_DTYPES[result])
         streams = np.asarray([rng.tensor_stream(seed, name, k) for k in range(nb)], np.uint32)
         sharding = getattr(arrays[base_index or 0], "sharding", None)
         fn = _leaf_fn(method, base_index, _freeze(shared), tuple(_freeze(p) for p in per_input),
