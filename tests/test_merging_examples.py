@@ -17,13 +17,9 @@ import yaml
 
 pytest.importorskip("mergekit")
 
-import jax.numpy as jnp  # noqa: E402
-
 from fusion_jax.hf.safetensors_io import SafetensorsReader  # noqa: E402
-from fusion_jax.merging import load_config, merge, plan_merge  # noqa: E402
-from fusion_jax.merging.precision import rounder  # noqa: E402
-from fusion_jax.merging.task_vectors import magnitude_k, outlier_window  # noqa: E402
-from fusion_jax.merging.testing import make_family  # noqa: E402
+from fusion_jax.merging import merge  # noqa: E402
+from fusion_jax.merging.testing import cut_ties, make_family  # noqa: E402
 
 
 def _mergekit(cfg: dict, out, seed=None):
@@ -39,34 +35,6 @@ def _load(path):
         return {n: r.get(n).astype(np.float32) for n in r.names()}
 
 
-def _cut_ties(cfg: dict, name: str, shape) -> np.ndarray:
-    """Elements of output tensor ``name`` at some model's magnitude cut value (see the module doc)."""
-    plan = plan_merge(load_config(cfg))
-    job = next(j for j in plan.jobs if j.name == name)
-    R = rounder(job.dtype)
-    arrays = [plan.models[m].reader.get(n).astype(np.float32) for m, n in job.inputs]
-    for m in plan.models:
-        m.reader.close()
-    b = R(jnp.asarray(arrays[job.base_pos]))
-    out = np.zeros(shape, bool)
-    outliers = plan.config.spec.sparsify == "magnitude_outliers"
-    for i, x in enumerate(arrays):
-        if i == job.base_pos:
-            continue
-        d = np.abs(np.asarray(R(R(jnp.asarray(x)) - b)))
-        desc = np.sort(d.reshape(-1))[::-1]
-        dens = job.per_input[i]["density"]
-        if outliers:
-            bot, tgt = outlier_window(dens, job.per_input[i].get("gamma", 0.01), d.size)
-            pos = [d.size - 1 - p for p in (bot - 1, bot, bot + tgt - 1, bot + tgt)]
-        else:
-            pos = [magnitude_k(dens, d.size) - 1] if dens < 1 else []
-        for p in pos:
-            if 0 <= p < d.size:
-                out |= d == desc[p]
-    return out
-
-
 def _compare_up_to_cut_ties(cfg, tmp_path):
     path = tmp_path / "cfg.yml"
     path.write_text(yaml.safe_dump(cfg))
@@ -78,7 +46,7 @@ def _compare_up_to_cut_ties(cfg, tmp_path):
     for n in ref:
         diff = got[n] != ref[n]
         if diff.any():
-            ties = _cut_ties(cfg, n, ref[n].shape)
+            ties = cut_ties(cfg, n)
             assert not (diff & ~ties).any(), f"{n}: {(diff & ~ties).sum()} differences off the magnitude cut"
             differing += int(diff.sum())
     return differing, sum(v.size for v in ref.values())

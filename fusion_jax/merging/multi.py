@@ -92,20 +92,27 @@ def _order(entries, deps) -> list[int]:
     return order
 
 
-def merge_documents(path, out_dir, *, intermediate_dir=None, overwrite: bool = False, **merge_kw) -> dict:
-    """Run every document of a multi-document merge file (see the module docstring)."""
-    from fusion_jax.merging.executor import check_output_path, merge
-
+def validate(path):
+    """Every document of ``path`` parsed and validated (a named output, which does not exist yet, stands
+    in as a placeholder path): (entries, root, configs, dependencies by document, run order)."""
     entries, root = parse(path)
     names = {n for n, _ in entries if n}
     cfgs: list[MergeConfig] = []
     for i, (name, raw) in enumerate(entries, 1):
-        try:  # a named output does not exist yet: validate with placeholders where it is used
+        try:
             cfgs.append(load_config(_substitute(raw, {n: root / n for n in names}), root))
         except ConfigError as e:
             raise ConfigError(f"{path}: document {i}{f' ({name})' if name else ''}: {e}") from None
     deps = [{m for _, m in ((h, h[k]) for h, k in _model_slots(raw)) if m in names} for _, raw in entries]
-    order = _order(entries, deps)
+    return entries, root, cfgs, deps, _order(entries, deps)
+
+
+def merge_documents(path, out_dir, *, intermediate_dir=None, overwrite: bool = False, **merge_kw) -> dict:
+    """Run every document of a multi-document merge file (see the module docstring)."""
+    from fusion_jax.merging.executor import check_output_path, merge
+
+    entries, root, cfgs, deps, order = validate(path)
+    names = {n for n, _ in entries if n}
     unnamed = [i for i, (n, _) in enumerate(entries) if n is None]
     final = unnamed[0] if unnamed else len(entries) - 1
     if intermediate_dir is None:  # only what the output needs
