@@ -87,7 +87,8 @@ class MethodSpec:
     doc: str = ""
     mergekit: str | None = None  # mergekit 0.1.5's name for the method (None: fusion-jax only)
     # how it matches mergekit: "exact" | "statistics" | "scale" (1 unit in the last place of the tensor's
-    # scale) | "threshold" (exact but for elements within a rounding of a data-dependent threshold) | ""
+    # scale) | "threshold" (exact but for elements within a rounding of a data-dependent threshold)
+    # | "selection" (exact up to the tie choice of a top-k that also sets the weights) | ""
     parity: str = ""
     # mergekit's result dtype: "merge" (the merge dtype) or "float32" (its torch code promotes to float32,
     # and with no out_dtype mergekit writes float32 tensors; fusion-jax does the same)
@@ -173,7 +174,7 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in [
                doc="FuseChat VaRM: per-matrix weights from mean squared deltas vs the pivot (base)"),
     MethodSpec("sce", (Param("int8_mask", bool, "shared", False), _TOPK),
                base="required", doc="SCE, mergekit form (selection masks the deltas)", mergekit="sce",
-               parity="exact"),
+               parity="selection"),
     MethodSpec("sce_fusechat", (Param("int8_mask", bool, "shared", False), _TOPK),
                base="required", doc="SCE, FuseChat's released form (selection shapes only the weights)"),
 ]}
@@ -351,7 +352,9 @@ def render_method_table() -> str:
         match = {"exact": "exact (element for element)",
                  "statistics": "statistics (kept fraction, rescale, signs)",
                  "scale": "to 1 unit in the last place of the tensor's scale",
-                 "threshold": "exact, but for elements within a rounding of the outlier threshold"
+                 "threshold": "exact, but for elements within a rounding of the outlier threshold",
+                 "selection": "exact with select_topk 1; below, up to which elements tied at the cut are "
+                              "selected (the weights follow)"
                  }.get(m.parity, "- (fusion-jax only)")
         rows.append(f"| `{m.name}` | {f'`{m.mergekit}`' if m.mergekit else '-'} | {params} | {match} |")
     return "\n".join(rows) + "\n"

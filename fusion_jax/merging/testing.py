@@ -100,7 +100,8 @@ def make_family(root, n_finetunes=3, seed=0, dtype="float32", delta_std=0.01, to
 
 def cut_ties(config, tensor: str) -> np.ndarray:
     """Boolean mask of the elements of output ``tensor`` where some input's |delta| equals the value
-    at its magnitude cut (TIES / magnitude top-k, or Breadcrumbs' two cuts) in the merge's arithmetic:
+    at its magnitude cut (TIES / magnitude top-k, Breadcrumbs' two cuts, SCE's variance selection) in
+    the merge's arithmetic:
     the only elements where mergekit's unstable sort may keep a different subset than fusion-jax's
     lowest-index rule (see :mod:`fusion_jax.merging.select`). ``config``: a merge YAML path or dict."""
     import jax.numpy as jnp
@@ -116,9 +117,16 @@ def cut_ties(config, tensor: str) -> np.ndarray:
         for m in plan.models:
             m.reader.close()
     out = np.zeros(job.shape, bool)
+    R = rounder(job.dtype)
+    if plan.config.spec.name == "sce" and job.shared.get("select_topk", 1.0) < 1:  # the variance selection
+        b = R(jnp.asarray(arrays[job.base_pos]))
+        tvs = [R(R(jnp.asarray(x)) - b) for i, x in enumerate(arrays) if i != job.base_pos]
+        mean = sum(tvs[1:], tvs[0]) / len(tvs)
+        var = np.abs(np.asarray(R(sum(((t - mean) ** 2 for t in tvs[1:]), (tvs[0] - mean) ** 2) / len(tvs))))
+        k = int(np.float32(np.count_nonzero(var)) * np.float32(job.shared["select_topk"]))
+        return var == np.sort(var.reshape(-1))[::-1][k - 1] if k > 0 else out
     if job.base_pos is None or plan.config.spec.sparsify not in ("magnitude", "magnitude_outliers"):
         return out
-    R = rounder(job.dtype)
     b = R(jnp.asarray(arrays[job.base_pos]))
     for i, x in enumerate(arrays):
         if i == job.base_pos or job.per_input[i].get("density", 1.0) >= 1:
