@@ -118,7 +118,7 @@ def _assert_matches(name, cfg_path, ref, got, spec):
             continue
         if spec.name == "sce":  # which tied elements the selection keeps moves the weights (see
             scale = np.abs(r).max()  # test_merging_precision.py): close, not equal
-            assert np.abs(r - g).max() <= 0.1 * scale and diff.mean() < 0.5, f"{name}: {n}"
+            assert np.abs(r - g).max() <= 0.25 * scale and diff.mean() < 0.5, f"{name}: {n}"
             continue
         # a float32 whole-tensor sum (norm, dot, mean) feeding a 16-bit rounding: a unit, rarely
         step = np.spacing(np.abs(ref[n].astype(np.float32)).max().astype(ref[n].dtype)).astype(np.float32)
