@@ -132,8 +132,7 @@ _SCRIPT = textwrap.dedent("""
     B, F = load(base), [load(f) for f in fts]
     res = {}
     for method, params in [("dare_ties", dict(weight=[0.6, 0.4], density=[0.3, 0.7])),
-                           ("ties", dict(weight=[0.6, 0.4], density=[0.3, 0.7])),
-                           ("multislerp", dict(weight=[0.6, 0.4]))]:
+                           ("ties", dict(weight=[0.6, 0.4], density=[0.3, 0.7]))]:
         out = merge_pytrees(method, F, base=B, seed=9, **params)
         kept = all(out[k].sharding.is_equivalent_to(B[k].sharding, B[k].ndim) for k in out)
         spread = max(len(out[k].sharding.device_set) for k in out)

@@ -33,9 +33,12 @@ def magnitude_key(x, largest: bool):
     return ~bits if largest else bits
 
 
-def _kth_host(key: np.ndarray, m: np.ndarray) -> np.ndarray:
-    m = int(m)
-    return np.asarray(np.partition(key.reshape(-1), m - 1)[m - 1] if 0 < m <= key.size else 0, np.uint32)
+# The host callbacks receive jax Arrays: turn them into NumPy first. A JAX op inside a callback waits for
+# XLA:CPU's thread pool, which the calling computation holds (measured: a deadlock from 4M elements up).
+
+def _kth_host(key, m) -> np.ndarray:
+    key, m = np.asarray(key).reshape(-1), int(np.asarray(m))
+    return np.asarray(np.partition(key, m - 1)[m - 1] if 0 < m <= key.size else 0, np.uint32)
 
 
 def kth_smallest(key, m, host: bool = False):
@@ -54,8 +57,8 @@ def kth_smallest(key, m, host: bool = False):
     return jnp.where(m > 0, lo, jnp.uint32(0))
 
 
-def _index_cut_host(at: np.ndarray, need: np.ndarray) -> np.ndarray:
-    need = int(need)
+def _index_cut_host(at, need) -> np.ndarray:
+    at, need = np.asarray(at), int(np.asarray(need))
     hits = np.flatnonzero(at)
     return np.asarray(0 if need <= 0 else hits[need - 1] + 1 if need <= hits.size else at.size, np.uint32)
 
@@ -93,7 +96,8 @@ def first_k(key, k, host: bool = False):
     return below | (at & (idx < _index_cut(at, need, idx, host)))
 
 
-def _rank_rows_host(x: np.ndarray) -> np.ndarray:
+def _rank_rows_host(x) -> np.ndarray:
+    x = np.asarray(x)
     order = np.argsort(x, axis=1, kind="stable")
     ranks = np.empty(x.shape, np.int32)
     np.put_along_axis(ranks, order, np.arange(x.shape[1], dtype=np.int32)[None, :].repeat(x.shape[0], 0), 1)
