@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusion_jax.merging import methods as M  # noqa: F401
 from fusion_jax.merging import elementwise as E, geometry as G, task_vectors as T
 from fusion_jax.merging import rng
 

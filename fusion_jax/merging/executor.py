@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -17,15 +16,13 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from fusion_jax.errors import (CheckpointError, ConfigError, FusionError, MissingTensorError,
                                ShapeMismatchError)
 from fusion_jax.hf.files import TOKENIZER_FILES
-from fusion_jax.hf.safetensors_io import (SafetensorsReader, ShardedWriter, TensorSpec, aligned_empty,
-                                          parse_size)
+from fusion_jax.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorSpec, parse_size
 from fusion_jax.merging import kernels, rng
 from fusion_jax.merging.config import MergeConfig, Source, load_config, read_documents, resolve_parameter
 from fusion_jax.merging.methods import check_group, merge_group, rescale_mode

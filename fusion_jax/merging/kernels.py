@@ -19,7 +19,7 @@ from fusion_jax.hf.safetensors_io import aligned_empty
 from fusion_jax.merging import rng
 from fusion_jax.merging.elementwise import linear_body
 from fusion_jax.merging.precision import fma_guard, rounder, sparsify_dtype
-from fusion_jax.merging.reduction import LANES, ROW, halve_rows, layout, tree_total
+from fusion_jax.merging.reduction import LANES, ROW, halve_rows, layout, tree_total  # noqa: F401 (LANES: kernels.LANES)
 from fusion_jax.merging.task_vectors import combine, l1_ratio
 
 # Elements per chunk: powers of two, so chunks never straddle 2**32 index boundaries. On one device a
