@@ -351,7 +351,7 @@ def render_method_table() -> str:
         params = ", ".join(_param_text(p) for p in m.params if p.name != "int8_mask") or "-"
         match = {"exact": "exact (element for element)",
                  "statistics": "statistics (kept fraction, rescale, signs)",
-                 "scale": "to 1 unit in the last place of the tensor's scale",
+                 "scale": "to 1-2 units in the last place of the tensor's scale",
                  "threshold": "exact, but for elements within a rounding of the outlier threshold",
                  "selection": "exact with select_topk 1; below, up to which elements tied at the cut are "
                               "selected (the weights follow)"
