@@ -34,7 +34,6 @@ from fusion_jax.utils.atomic import atomic_directory
 from fusion_jax.utils.malloc import retain_freed_memory
 
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
-_NP_DTYPES = NP_DTYPES
 _VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
 
 
@@ -257,7 +256,7 @@ def plan_merge(cfg: MergeConfig, seed: int = 0, compute_dtype: str | None = None
         check_group(spec, shared, per_input, [s.model for s in srcs], base_pos, out_name)
         merge_dtype = dtype_name(cfg.dtype) if cfg.dtype else promote(in_dtypes).name
         result = "float32" if spec.result == "float32" and compute == "auto" else merge_dtype
-        od = _NP_DTYPES[cfg.out_dtype] if cfg.out_dtype else _NP_DTYPES[result]
+        od = NP_DTYPES[cfg.out_dtype] if cfg.out_dtype else NP_DTYPES[result]
         nb = [i for i in range(len(srcs)) if i != base_pos]
         streams = [rng.tensor_stream(seed, out_name, j) for j in range(len(nb))]
         jobs.append(Job(out_name, tuple(shape), od, [(idx[s.model], st) for s, st in zip(srcs, stored)],
