@@ -519,6 +519,7 @@ def execute(plan: Plan, out_dir: str | os.PathLike, *, device: str = "cpu", out_
     (:func:`fusion_jax.utils.malloc.retain_freed_memory`: up to 1 GB of freed heap stays mapped for reuse);
     set ``FUSION_JAX_MALLOC_TUNING=0`` to keep the defaults.
     """
+    check_output_path(Path(out_dir), [m.path for m in plan.models])
     runner = _Runner(plan, device, parse_size(memory_budget))
     workers = workers or 2  # measured on 2 cores: 2 overlaps I/O with math; 3 makes XLA threads contend
     t0 = time.perf_counter()
