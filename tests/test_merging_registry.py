@@ -85,8 +85,9 @@ def _load(path):
         return {n: r.get(n) for n in r.names()}
 
 
-def _mergekit_documents(docs, out, workdir):
-    """mergekit-yaml for one document; mergekit-multi's rule for several (named outputs used by name)."""
+def _mergekit_documents(docs, out, workdir, models_dir):
+    """mergekit-yaml for one document; mergekit-multi's rule for several (named outputs used by name).
+    Model paths are made absolute: mergekit caches loaded models by their path string for the process."""
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
     opts = MergeOptions(copy_tokenizer=True, write_model_card=False, quiet=True, lazy_unpickle=False)
@@ -94,7 +95,7 @@ def _mergekit_documents(docs, out, workdir):
     for d in docs:
         d = dict(d)
         name = d.pop("name", None)
-        text = yaml.safe_dump(d)
+        text = re.sub(r"\bmodels/", f"{models_dir}/models/", yaml.safe_dump(d))
         for n, p in paths.items():
             text = re.sub(rf"(model: |base_model: ){re.escape(n)}\b", rf"\g<1>{p}", text)
         target = workdir / name if name else out
@@ -142,7 +143,7 @@ def test_shipped_config_through_both_tools(path, request, tmp_path, monkeypatch)
     if any(METHODS[d["merge_method"]].mergekit is None for d in docs):
         return  # fusion-jax's own method (the paper's DARE, VaRM, FuseChat's SCE, magnitude pruning)
     pytest.importorskip("mergekit")
-    _mergekit_documents(docs, tmp_path / "mk", tmp_path)
+    _mergekit_documents(docs, tmp_path / "mk", tmp_path, models_dir)
     ref, got = _load(tmp_path / "mk"), _load(tmp_path / "fj")
     if spec.name == "linear" and "tokenizer" in docs[-1]:  # the union vocabulary: compare row by token
         import transformers
