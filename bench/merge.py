@@ -1,9 +1,13 @@
-"""Benchmark: dare_ties of three fine-tunes onto a base (random bf16 safetensors), fusion-jax vs
-mergekit 0.1.5 on the same machine in one run, plus the I/O floor (read every input byte, write the
-output, no math). Peak RSS of each run is measured in a child process.
+"""Benchmark: merges of three fine-tunes onto a base (random safetensors), fusion-jax vs mergekit 0.1.5
+on the same machine in one run. ``dare_ties`` in bf16 in detail (cold and warm compile cache, medians of
+alternating rounds, the I/O floor: read every input byte, write the output, no math, and a bare JAX
+process); then ``ties`` and ``della`` with checkpoints and ``dtype`` in bf16 and in fp16, one run of
+each tool (mergekit's numbers: fusion-jax's default per-step merge-dtype arithmetic). Peak RSS of each
+run is measured in a child process.
 
     python bench/merge.py --params 0.5e9            # ~0.5B parameters per model
     python bench/merge.py --params 0.1e9 --no-mergekit
+    python bench/merge.py --params 0.1e9 --only ties:float16
 """
 from __future__ import annotations
 
@@ -23,15 +27,15 @@ from fusion_jax.utils.hashing import stable_hash
 HERE = Path(__file__).resolve().parent
 
 
-def make_models(root: Path, params: float, seed: int = 0):
+def make_models(root: Path, params: float, seed: int = 0, dtype: str = "bfloat16"):
     import ml_dtypes
 
     from fusion_jax.hf.safetensors_io import ShardedWriter, TensorSpec
     from fusion_jax.merging.testing import llama_config, llama_shapes
+    np_dtype = {"bfloat16": ml_dtypes.bfloat16, "float16": np.float16}[dtype]
     per_layer = 4 * 1024 * 1024 - 2 * 512 * 1024 + 3 * 1024 * 4096
     layers = max(1, round((params - 2 * 32000 * 1024) / per_layer))
-    cfg = llama_config(vocab=32000, hidden=1024, inter=4096, layers=layers, heads=16, kv_heads=8,
-                       dtype="bfloat16")
+    cfg = llama_config(vocab=32000, hidden=1024, inter=4096, layers=layers, heads=16, kv_heads=8, dtype=dtype)
     shapes = llama_shapes(cfg)
     n = sum(int(np.prod(s)) for s in shapes.values())
     paths = []
@@ -39,16 +43,27 @@ def make_models(root: Path, params: float, seed: int = 0):
         p = root / name
         p.mkdir(parents=True)
         (p / "config.json").write_text(json.dumps(cfg))
-        specs = [TensorSpec(k, s, ml_dtypes.bfloat16) for k, s in shapes.items()]
+        specs = [TensorSpec(k, s, np.dtype(np_dtype)) for k, s in shapes.items()]
         with ShardedWriter(p, specs, "2GB") as w:
             for k, s in shapes.items():
                 r = np.random.default_rng([seed, i, stable_hash(k, digest_size=4)])
                 base = np.random.default_rng([seed, stable_hash(k, digest_size=4)]).standard_normal(s, np.float32) * 0.02
                 if i:
                     base += r.standard_normal(s, np.float32) * 0.001
-                w.write(k, base.astype(ml_dtypes.bfloat16))
+                w.write(k, base.astype(np_dtype))
         paths.append(p)
     return paths, n, layers
+
+
+#: the one-run comparisons after dare_ties: (method, dtype of the checkpoints and of the merge)
+EXTRA = [("ties", "bfloat16"), ("ties", "float16"), ("della", "bfloat16"), ("della", "float16")]
+
+
+def _config(method: str, paths, dtype: str) -> dict:
+    extra = {"epsilon": 0.1} if method == "della" else {}
+    return {"merge_method": method, "base_model": str(paths[0]), "dtype": dtype,
+            "models": [{"model": str(p), "parameters": {"weight": w, "density": d, **extra}}
+                       for p, w, d in zip(paths[1:], (0.5, 0.3, 0.2), (0.3, 0.5, 0.7))]}
 
 
 def io_floor(paths, out: Path):
@@ -85,9 +100,19 @@ def main():
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="alternating floor / merge rounds (median)")
+    ap.add_argument("--only", default=None, help="method:dtype of EXTRA to run alone (skips dare_ties)")
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="fj-merge-bench-"))
     results = {}
+    if args.only:
+        m, d = args.only.split(":")
+        try:
+            extra = _extra_rows(root, args, [(m, d)])
+        finally:
+            if not args.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        _print_extra(extra, 0)
+        return
     try:
         t = time.perf_counter()
         paths, n, layers = make_models(root, args.params)
@@ -129,6 +154,7 @@ def main():
             results["mergekit"] = child(["mergekit-yaml", str(root / "cfg.yml"), str(root / "mk"),
                                          "--no-copy-tokenizer", "--quiet"])
             shutil.rmtree(root / "mk")
+        extra = _extra_rows(root, args, EXTRA, bf16_paths=paths)
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -145,7 +171,50 @@ def main():
     fixed = results["jax_process"][0]
     print(f"\nfusion_jax without the fixed JAX process cost ({fixed:.2f} s) / I/O floor = "
           f"{(results['fusion_jax'][0] - fixed) / results['io_floor'][0]:.2f}x")
-    print(json.dumps({"params": n, **{k: {"s": v[0], "rss_gb": v[1]} for k, v in results.items()}}))
+    _print_extra(extra, n)
+    print(json.dumps({"params": n, **{k: {"s": v[0], "rss_gb": v[1]} for k, v in results.items()},
+                      "extra": extra}))
+
+
+def _extra_rows(root: Path, args, combos, bf16_paths=None) -> list[dict]:
+    """One fusion-jax run (warm compile cache) and one mergekit run of each (method, dtype)."""
+    import yaml
+    py = sys.executable
+    os.environ["FUSION_JAX_COMPILE_CACHE"] = str(root / "xla-cache")
+    families = {"bfloat16": bf16_paths} if bf16_paths else {}
+    rows = []
+    for method, dtype in combos:
+        if dtype not in families:
+            t = time.perf_counter()
+            families[dtype], n, layers = make_models(root / dtype, args.params, dtype=dtype)
+            print(f"models: 4 x {n / 1e6:.0f}M params {dtype} ({layers} layers), written in "
+                  f"{time.perf_counter() - t:.1f} s", flush=True)
+        paths = families[dtype]
+        cfg = root / f"{method}-{dtype}.yml"
+        cfg.write_text(yaml.safe_dump(_config(method, paths, dtype)))
+        fj = [py, "-m", "fusion_jax.cli", "merge", str(cfg), str(root / "fj"), "--quiet"]
+        child(fj)  # compile into the cache
+        shutil.rmtree(root / "fj")
+        row = {"method": method, "dtype": dtype, "fusion_jax": child(fj)}
+        shutil.rmtree(root / "fj")
+        if not args.no_mergekit:
+            row["mergekit"] = child(["mergekit-yaml", str(cfg), str(root / "mk"), "--no-copy-tokenizer", "--quiet"])
+            shutil.rmtree(root / "mk")
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def _print_extra(rows, n):
+    if not rows:
+        return
+    print("\n| method | dtype | fusion-jax s | fusion-jax peak RSS GB | mergekit s | mergekit peak RSS GB | mergekit / fusion-jax |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, m = r["fusion_jax"], r.get("mergekit")
+        ratio = f"**{m[0] / f[0]:.1f}x**" if m else "-"
+        print(f"| `{r['method']}` | {r['dtype']} | {f[0]:.1f} | {f[1]:.2f} | "
+              f"{f'{m[0]:.1f}' if m else '-'} | {f'{m[1]:.2f}' if m else '-'} | {ratio} |")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fusion_jax.merging import methods as M
+from fusion_jax.merging import elementwise as E, geometry as G, task_vectors as T
 from fusion_jax.merging import rng
 
 
@@ -63,7 +63,7 @@ def test_task_vector_family(cfg):
     name, sp, cons, norm = cfg
     base, others = _data(1)
     w, dens = [0.5, 0.3, 0.9], [0.4, 0.6, 0.8]
-    got = M.task_vector_merge(*_f32([base]), _f32(others), weights=w, densities=dens,
+    got = T.task_vector_merge(*_f32([base]), _f32(others), weights=w, densities=dens,
                               sparsification={"outliers": "magnitude_outliers"}.get(sp, sp), consensus=cons,
                               normalize=norm, lambda_=0.8, gammas=[0.02] * 3)
     b32, o32 = np.float32(base).astype(np.float64), [np.float32(o).astype(np.float64) for o in others]
@@ -78,7 +78,7 @@ def test_dare(exact, ties):
     dens = [0.3, 0.5, 0.9]
     w = [0.5, 0.3, 0.2]
     streams = [rng.tensor_stream(7, "t", j) for j in range(3)]
-    got = M.task_vector_merge(np.float32(base), _f32(others), weights=w, densities=dens, sparsification="random",
+    got = T.task_vector_merge(np.float32(base), _f32(others), weights=w, densities=dens, sparsification="random",
                               consensus="sum" if ties else None, rescale="inverse" if exact else "l1",
                               streams=streams)
     masks = [rng.keep_mask_np(base.shape, d, s) for d, s in zip(dens, streams)]
@@ -108,7 +108,7 @@ def test_dare_kept_fraction_and_unbiased(p):
     sigma = np.sqrt(n * p * (1 - p))
     assert abs(keep.sum() - n * (1 - p)) < 3 * sigma
     delta = np.random.default_rng(0).standard_normal(n) * 0.01 + 0.003
-    d = np.asarray(M.sparsify(np.float32(delta), method="random", density=1 - p, rescale="inverse", stream=s))
+    d = np.asarray(T.sparsify(np.float32(delta), method="random", density=1 - p, rescale="inverse", stream=s))
     # E[rescaled] = delta: the mean difference is within 3 standard errors
     diff = d - np.float32(delta)
     assert abs(diff.mean()) < 3 * diff.std() / np.sqrt(n)
@@ -128,13 +128,13 @@ def test_slerp_nuslerp_model_stock_linear():
     u, v = b / np.linalg.norm(b), a0 / np.linalg.norm(a0)
     th = np.arccos(np.clip((u * v).sum(), -1, 1))
     ref = np.sin((1 - t) * th) / np.sin(th) * b + np.sin(t * th) / np.sin(th) * a0
-    np.testing.assert_allclose(np.asarray(M.slerp(t, np.float32(base), np.float32(x0))), ref, atol=3e-5)
+    np.testing.assert_allclose(np.asarray(G.slerp(t, np.float32(base), np.float32(x0))), ref, atol=3e-5)
     # nuslerp with a base, flattened
     d0, d1 = a0 - b, a1 - b
     tt = 0.7 / (0.3 + 0.7)
     th = np.arccos(np.clip((d0 / np.linalg.norm(d0) * d1 / np.linalg.norm(d1)).sum(), -1, 1))
     ref = b + (np.sin((1 - tt) * th) * d0 + np.sin(tt * th) * d1) / np.sin(th)
-    got = M.nuslerp([np.float32(x0), np.float32(x1)], [0.3, 0.7], np.float32(base))
+    got = G.nuslerp([np.float32(x0), np.float32(x1)], [0.3, 0.7], np.float32(base))
     np.testing.assert_allclose(np.asarray(got), ref, atol=3e-5)
     # model stock
     offs = [a - b for a in (a0, a1, a2)]
@@ -142,10 +142,10 @@ def test_slerp_nuslerp_model_stock_linear():
                    for i in range(3) for j in range(i + 1, 3)])
     tms = 3 * cos / (1 + 2 * cos)
     ref = tms * (a0 + a1 + a2) / 3 + (1 - tms) * b
-    got = M.model_stock(np.float32(base), [np.float32(x) for x in (x0, x1, x2)])
+    got = G.model_stock(np.float32(base), [np.float32(x) for x in (x0, x1, x2)])
     np.testing.assert_allclose(np.asarray(got), ref, atol=3e-5)
     # linear
-    got = M.linear([np.float32(x) for x in (x0, x1)], [0.25, 0.5])
+    got = E.linear([np.float32(x) for x in (x0, x1)], [0.25, 0.5])
     np.testing.assert_allclose(np.asarray(got), (0.25 * a0 + 0.5 * a1) / 0.75, atol=3e-6)
 
 
@@ -155,7 +155,7 @@ def test_varm_and_sce():
     xs = [np.float32(o).astype(np.float64) for o in others]
     v = np.array([np.mean((x - b) ** 2) for x in xs])
     ref = sum(w * x for w, x in zip(v / v.sum(), xs))
-    np.testing.assert_allclose(np.asarray(M.varm(np.float32(base), _f32(others))), ref, atol=3e-6)
+    np.testing.assert_allclose(np.asarray(E.varm(np.float32(base), _f32(others))), ref, atol=3e-6)
     for variant in ("mergekit", "fusechat"):
         k = 0.3
         tv = np.stack([x - b for x in xs])
@@ -174,20 +174,20 @@ def test_varm_and_sce():
         div = ew.sum(0)
         div = np.maximum(div, 1e-6) if variant == "mergekit" else np.where(div == 0, 1, div)
         ref = b + (use * ew).sum(0) / div
-        got = M.sce(np.float32(base), _f32(others), k, variant)
+        got = E.sce(np.float32(base), _f32(others), k, variant)
         np.testing.assert_allclose(np.asarray(got), ref, atol=3e-6, err_msg=variant)
 
 
 def test_della_keep_probabilities():
     base, others = _data(5, 1, (64, 512))
     d = np.float32(others[0] - base)
-    p = np.asarray(M.della_probs(d, 0.5, 0.2))
+    p = np.asarray(T.della_probs(d, 0.3, 0.2))
     assert p.min() == pytest.approx(0.3) and p.max() == pytest.approx(0.7)
     # larger magnitude -> larger keep probability, per row
     row = np.abs(d[0])
     assert np.all(np.diff(p[0][np.argsort(row)]) > 0)
     s = rng.tensor_stream(0, "x", 0)
-    got = np.asarray(M.sparsify(d, method="della", density=0.5, epsilon=0.2, rescale="inverse", stream=s))
+    got = np.asarray(T.sparsify(d, method="della", density=0.5, epsilon=0.2, rescale="inverse", stream=s))
     kept = got != 0
     assert abs(kept.mean() - 0.5) < 0.02
     np.testing.assert_allclose(got[kept], (d / p)[kept], rtol=1e-5)
@@ -205,12 +205,13 @@ def test_l1_sums_are_the_fixed_halving_tree(n, offset):
     xs = [(base.astype(np.float32) + r.standard_normal(n) * 1e-3).astype(ml_dtypes.bfloat16) for _ in range(2)]
     streams, dens = np.array([11, 12], np.uint32), (0.3, 0.8)
     thr = np.array([rng.threshold(d) for d in dens], np.uint32)
-    got = np.asarray(kernels.l1_sums(base, tuple(xs), streams, thr, np.uint32(offset)))
+    got = np.asarray(kernels.l1_sums(base, tuple(xs), streams, thr, np.uint32(offset), np.uint32(0xFFFFFFFF),
+                                     dtype="bfloat16"))
     blocks, lanes = kernels.layout(n)
     assert got.shape == (2, 2, blocks, lanes)
     totals = kernels.l1_totals([got], n)
-    for i, x in enumerate(xs):
-        d = np.abs(x.astype(np.float32) - base.astype(np.float32))
+    for i, x in enumerate(xs):  # the deltas in the merge dtype (bfloat16), as mergekit computes them
+        d = np.abs((x.astype(np.float32) - base.astype(np.float32)).astype(ml_dtypes.bfloat16).astype(np.float32))
         kept = np.where(rng.bits_np(n, int(streams[i]), offset) < thr[i], d, np.float32(0))
         for j, v in enumerate((d, kept)):
             t = v.reshape(blocks, kernels.ROW, lanes)
@@ -223,7 +224,7 @@ def test_l1_sums_are_the_fixed_halving_tree(n, offset):
 
 
 def test_l1_totals_do_not_depend_on_the_chunk_size():
-    """One device chunks a tensor by 512K, a mesh by 4M: the totals must be the same float64 bits."""
+    """One device chunks a tensor by 512K, a mesh by 4M: the totals must be the same bits."""
     import ml_dtypes
 
     from fusion_jax.merging import kernels
@@ -237,7 +238,7 @@ def test_l1_totals_do_not_depend_on_the_chunk_size():
         out = []
         for lo in range(0, n, size):
             b, xx = (kernels.pad_chunk(a[lo:lo + size], size) for a in (base, x))
-            out.append(kernels.l1_sums(b, (xx,), s, t, np.uint32(lo)))
+            out.append(kernels.l1_sums(b, (xx,), s, t, np.uint32(lo), np.uint32(0xFFFFFFFF)))
         return out
 
     assert kernels.chunk_size(n, 1) == 1 << 19 and kernels.chunk_size(n, 8) == 1 << 20
@@ -245,4 +246,8 @@ def test_l1_totals_do_not_depend_on_the_chunk_size():
     a, b = kernels.real_partials(small, n), kernels.real_partials(big, n)
     assert a.shape == (1, 2, -(-n // (kernels.ROW * kernels.LANES)) * kernels.LANES) and np.array_equal(a, b)
     ta, tb = kernels.l1_totals(small, n), kernels.l1_totals(big, n)
-    assert ta.dtype == np.float64 and np.array_equal(ta, tb)
+    assert np.array_equal(ta, tb)
+    # and the whole-tensor kernels' fixed-order sum (the pytree path) is the same bits
+    from fusion_jax.merging.reduction import fixed_sum
+    d = np.abs(x.astype(np.float32) - base.astype(np.float32))
+    assert np.float32(fixed_sum(d)) == ta[0, 0]

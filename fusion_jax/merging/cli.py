@@ -1,4 +1,5 @@
-"""``fusion-jax merge CONFIG.yaml OUT_DIR`` and ``fusion-jax dare BASE FINETUNED OUT --drop P``."""
+"""``fusion-jax merge CONFIG.yaml OUT_DIR`` (one merge, or a multi-document file of several) and
+``fusion-jax dare BASE FINETUNED OUT --drop P``."""
 from __future__ import annotations
 
 import argparse
@@ -6,9 +7,18 @@ import sys
 
 
 def _merge(args) -> int:
+    from fusion_jax.merging.config import read_documents
     from fusion_jax.merging.executor import merge
-    stats = merge(args.config, args.out_dir, seed=args.seed, device=args.device,
-                  out_shard_size=args.out_shard_size, overwrite=args.overwrite, quiet=args.quiet)
+    kw = dict(seed=args.seed, device=args.device, out_shard_size=args.out_shard_size, overwrite=args.overwrite,
+              quiet=args.quiet, compute_dtype=args.compute_dtype)
+    if len(read_documents(args.config)) > 1:
+        from fusion_jax.merging.multi import merge_documents
+        stats = merge_documents(args.config, args.out_dir, intermediate_dir=args.intermediate_dir, **kw)
+    elif args.intermediate_dir is not None:
+        from fusion_jax.errors import ConfigError
+        raise ConfigError("--intermediate-dir: the config has one document (it is for multi-document files)")
+    else:
+        stats = merge(args.config, args.out_dir, **kw)
     _report(stats, args.out_dir)
     return 0
 
@@ -26,7 +36,7 @@ def _dare(args) -> int:
     if args.dtype:
         cfg["dtype"] = args.dtype
     stats = merge(cfg, args.out, seed=args.seed, device=args.device, out_shard_size=args.out_shard_size,
-                  overwrite=args.overwrite, quiet=args.quiet)
+                  overwrite=args.overwrite, quiet=args.quiet, compute_dtype=args.compute_dtype)
     _report(stats, args.out)
     return 0
 
@@ -44,6 +54,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-shard-size", default="5GB", help="largest output shard (e.g. 500MB, 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists (atomically)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--compute-dtype", choices=["auto", "float32"], default=None,
+                   help="auto (default; or the YAML's compute_dtype): each step in the merge dtype, giving "
+                        "mergekit's numbers; float32: every step in float32, rounded once to the output dtype")
 
 
 def register(subparsers) -> None:
@@ -51,6 +64,8 @@ def register(subparsers) -> None:
                               description="Merge models that share an architecture, tensor by tensor.")
     p.add_argument("config", help="mergekit YAML config")
     p.add_argument("out_dir", help="output Hugging Face model directory (written atomically)")
+    p.add_argument("--intermediate-dir", default=None,
+                   help="multi-document configs: keep each named merge as DIR/<name> (default: discard them)")
     _common(p)
     p.set_defaults(func=_merge)
 

@@ -3,7 +3,10 @@
 Accepted (same meaning as mergekit 0.1.5): ``merge_method``, ``models`` (``model``, ``parameters``),
 ``slices`` (``sources`` of ``model`` + ``layer_range`` + ``parameters``; per-slice ``base_model`` and
 ``parameters``), ``base_model``, ``parameters``, ``dtype``, ``out_dtype``, ``tokenizer_source``
-(``base`` | ``union`` | a model). A parameter value is a scalar, a list of scalars (a gradient,
+(``base`` | ``union`` | a model), the ``tokenizer`` block (``source``, ``tokens`` with ``source`` and
+``force``, ``pad_to_multiple_of``), ``chat_template`` (``auto``, a template name or a Jinja string), and
+``name`` in a multi-document file (mergekit-multi: later documents use earlier outputs by name). Plus
+fusion-jax's ``compute_dtype`` (``auto``: each step in the merge dtype, as mergekit; ``float32``). A parameter value is a scalar, a list of scalars (a gradient,
 interpolated over the layers of a slice: t = i / (n - 1)), a ``{value, filter}`` entry or a list of
 them (the first whose ``filter`` is a substring of the tensor name, or ``*``, wins). Precedence, as
 in mergekit: the model's own parameters, then the slice's, then the top-level ones, then the default.
@@ -12,6 +15,7 @@ Any other key is an error that names it (mergekit would silently ignore some of 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 
@@ -19,13 +23,12 @@ import yaml
 
 from fusion_jax.errors import ConfigError
 from fusion_jax.merging.methods import METHODS, REQUIRED, MethodSpec, Param
+from fusion_jax.merging.precision import COMPUTE_DTYPES, DTYPES
 
 _TOP_KEYS = {"merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-             "tokenizer_source"}
-_UNSUPPORTED = {"modules": "per-module configs", "tokenizer": "the 'tokenizer:' block (use tokenizer_source)",
-                "chat_template": "chat_template", "residual_weight": "residual_weight"}
-_DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16", "half": "float16",
-           "bfloat16": "bfloat16", "bf16": "bfloat16", "float64": "float64"}
+             "tokenizer_source", "tokenizer", "chat_template", "compute_dtype"}
+_UNSUPPORTED = {"modules": "per-module configs", "residual_weight": "residual_weight"}
+_DTYPES = DTYPES
 
 
 @dataclasses.dataclass
@@ -42,6 +45,26 @@ class OutSlice:
     parameters: dict | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenSpec:
+    """Where one token's embedding comes from (mergekit ``TokenEmbeddingConfig``): ``kind`` "model"
+    (that model's row for the token), "model_token" (a given token or id of ``model``), "zero", or None
+    (the default rule); ``force`` uses it even where the model has the token."""
+
+    kind: str | None = None
+    model: str | None = None
+    token_id: int | None = None
+    token: str | None = None
+    force: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerSpec:
+    source: str = "union"  # "union" | "base" | a model
+    tokens: dict = dataclasses.field(default_factory=dict)  # token -> TokenSpec
+    pad_to_multiple_of: int | None = None
+
+
 @dataclasses.dataclass
 class MergeConfig:
     merge_method: str
@@ -55,6 +78,14 @@ class MergeConfig:
     tokenizer_source: str | None
     root: Path  # directory that relative model paths are also looked up in (the YAML's)
     raw: dict = dataclasses.field(default_factory=dict)
+    compute_dtype: str | None = None  # fusion-jax's key: "auto" (mergekit's per-step dtype) | "float32"
+    tokenizer: TokenizerSpec | None = None
+    chat_template: str | None = None
+
+    @property
+    def vocab_source(self) -> str | None:
+        """The output vocabulary's source ("union" | "base" | a model), from either key, or None."""
+        return self.tokenizer.source if self.tokenizer else self.tokenizer_source
 
     def referenced_models(self) -> list[str]:
         out: list[str] = []
@@ -137,18 +168,81 @@ def _dtype(v, key):
     return _DTYPES[v]
 
 
-def load_config(source: str | os.PathLike | dict) -> MergeConfig:
-    """Read and validate a mergekit YAML file (or an already parsed dict)."""
+def read_documents(path: str | os.PathLike) -> list:
+    """The YAML documents of a merge config file (mergekit-multi files hold several)."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (is it the merge YAML?)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from e
+
+
+def _token_spec(tok: str, v, where: str) -> TokenSpec:
+    if v is None:
+        return TokenSpec()
+    _check_keys(v, {"source", "force"}, where)
+    force = v.get("force", False)
+    if not isinstance(force, bool):
+        raise ConfigError(f"{where}.force: expected true or false, got {force!r}")
+    src = v.get("source")
+    if src is None:
+        return TokenSpec(force=force)
+    if isinstance(src, str):
+        return TokenSpec("model", _model_name(src, f"{where}.source"), force=force)
+    _check_keys(src, {"kind", "model", "token_id", "token"}, f"{where}.source")
+    kind = src.get("kind")
+    if kind == "zero":
+        if set(src) != {"kind"}:
+            raise ConfigError(f"{where}.source: a 'zero' source takes no other keys")
+        return TokenSpec("zero", force=force)
+    if kind != "model_token":
+        raise ConfigError(f"{where}.source.kind: expected 'model_token' or 'zero', got {kind!r}")
+    tid, name = src.get("token_id"), src.get("token")
+    if (tid is None) == (name is None):
+        raise ConfigError(f"{where}.source: give exactly one of 'token_id' or 'token'")
+    if tid is not None and (isinstance(tid, bool) or not isinstance(tid, int) or tid < 0):
+        raise ConfigError(f"{where}.source.token_id: expected a token id (integer >= 0), got {tid!r}")
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"{where}.source.token: expected a string, got {name!r}")
+    return TokenSpec("model_token", _model_name(src.get("model"), f"{where}.source.model"), tid, name, force)
+
+
+def _tokenizer_spec(v) -> TokenizerSpec:
+    _check_keys(v, {"source", "tokens", "pad_to_multiple_of"}, "tokenizer")
+    src = v.get("source", "union")
+    if not isinstance(src, str) or not src:
+        raise ConfigError(f"tokenizer.source: expected 'union', 'base' or a model path, got {src!r}")
+    tokens = v.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise ConfigError("tokenizer.tokens: expected a mapping of token -> {source, force}")
+    specs = {}
+    for tok, tv in tokens.items():
+        if not isinstance(tok, str) or not tok:
+            raise ConfigError(f"tokenizer.tokens: a token must be a non-empty string, got {tok!r}")
+        specs[tok] = _token_spec(tok, tv, f"tokenizer.tokens[{tok!r}]")
+    pad = v.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise ConfigError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    return TokenizerSpec(src, specs, pad)
+
+
+def load_config(source: str | os.PathLike | dict, root: str | os.PathLike | None = None) -> MergeConfig:
+    """Read and validate a mergekit YAML file with one document (or an already parsed dict, whose
+    relative model paths are looked up in ``root``, default the working directory)."""
     if isinstance(source, dict):
-        raw, root = source, Path.cwd()
+        raw, root = source, Path(root or Path.cwd()).absolute()
     else:
         path = Path(source)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        docs = read_documents(path)
+        if len(docs) != 1:
+            raise ConfigError(f"{path}: expected one merge document, found {len(docs)} "
+                              "(several documents are a multi-merge: run them with `fusion-jax merge`)")
+        raw = docs[0]
         root = path.absolute().parent
     if not isinstance(raw, dict):
         raise ConfigError("merge config: expected a mapping at the top level")
@@ -197,8 +291,18 @@ def load_config(source: str | os.PathLike | dict) -> MergeConfig:
     ts = raw.get("tokenizer_source")
     if ts is not None and not isinstance(ts, str):
         raise ConfigError(f"tokenizer_source: expected 'base', 'union' or a model path, got {ts!r}")
+    cd = raw.get("compute_dtype")
+    if cd is not None and cd not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {cd!r}")
+    tok = _tokenizer_spec(raw["tokenizer"]) if raw.get("tokenizer") is not None else None
+    if tok is not None and ts is not None:
+        raise ConfigError("merge config: give either 'tokenizer_source' or a 'tokenizer' block, not both")
+    ct = raw.get("chat_template")
+    if ct is not None and (not isinstance(ct, str) or not ct.strip()):
+        raise ConfigError(f"chat_template: expected 'auto', a template name or a Jinja template, got {ct!r}")
     cfg = MergeConfig(method, spec, base, models, slices, _params(raw.get("parameters"), spec, "parameters"),
-                      _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), ts, root, raw)
+                      _dtype(raw.get("dtype"), "dtype"), _dtype(raw.get("out_dtype"), "out_dtype"), ts, root, raw,
+                      compute_dtype=cd, tokenizer=tok, chat_template=ct)
     return cfg
 
 
@@ -222,6 +326,14 @@ def _validate(p: Param, v):
         if isinstance(v, str) and v.lower() in ("true", "false", "yes", "no", "1", "0"):
             return v.lower() in ("true", "yes", "1")
         raise ConfigError(f"parameter {p.name}: expected true/false, got {v!r}")
+    if p.type is int:
+        try:
+            f = None if isinstance(v, bool) else float(v)
+        except ValueError:
+            f = None
+        if f is None or not math.isfinite(f) or f != int(f):
+            raise ConfigError(f"parameter {p.name}: expected an integer, got {v!r}")
+        return int(f)
     return v
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import itertools
 import json
 import math
 import os
@@ -17,25 +16,24 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from fusion_jax.errors import (CheckpointError, ConfigError, FusionError, MissingTensorError,
                                ShapeMismatchError)
 from fusion_jax.hf.files import TOKENIZER_FILES
-from fusion_jax.hf.safetensors_io import (SafetensorsReader, ShardedWriter, TensorSpec, aligned_empty,
-                                          parse_size)
+from fusion_jax.hf.safetensors_io import SafetensorsReader, ShardedWriter, TensorSpec, parse_size
 from fusion_jax.merging import kernels, rng
-from fusion_jax.merging.config import MergeConfig, Source, load_config, resolve_parameter
-from fusion_jax.merging.methods import merge_group, rescale_mode
+from fusion_jax.merging.config import MergeConfig, Source, load_config, read_documents, resolve_parameter
+from fusion_jax.merging.methods import check_group, merge_group, rescale_mode
+from fusion_jax.merging.precision import COMPUTE_DTYPES, NP_DTYPES, dtype_name, guard_ones, promote
+from fusion_jax.merging.vocab import VocabPlan, resolve_chat_template
+from fusion_jax.merging.vocab import build as build_vocab
+from fusion_jax.merging.vocab import permute as permute_vocab
 from fusion_jax.utils.atomic import atomic_directory
 from fusion_jax.utils.malloc import retain_freed_memory
 
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
-_NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-              "bfloat16": np.dtype(ml_dtypes.bfloat16), "float64": np.dtype(np.float64)}
 _VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight", "wte.weight", "embed_in.weight", "embed_out.weight")
 
 
@@ -48,7 +46,20 @@ class Model:
 
     @property
     def num_layers(self) -> int:
-        return int(self.config.get("num_hidden_layers", 0))
+        """``num_hidden_layers`` from config.json (as mergekit reads it; it does not count tensors).
+        Missing or not a count is an error when the checkpoint has layer tensors, and so is a count
+        that leaves some of them out (the merge would silently drop layers)."""
+        v = self.config.get("num_hidden_layers")
+        top = max((int(m.group(2)) for n in self.reader.names() if (m := _LAYER_RE.search(n))), default=-1)
+        where = f"model {self.name!r}: {self.path / 'config.json'}"
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            if top < 0 and v is None:
+                return 0
+            raise CheckpointError(f"{where} has no valid 'num_hidden_layers' (got {v!r}), but its tensors "
+                                  f"have {top + 1} layers; set it to the number of decoder layers")
+        if top >= v:
+            raise CheckpointError(f"{where} says num_hidden_layers = {v}, but its tensors go up to layer {top}")
+        return v
 
     def tensor_name(self, name: str) -> str | None:
         """The stored name for ``name``, following tied embeddings as mergekit's ``tied_names`` do."""
@@ -74,6 +85,8 @@ class Job:
     per_input: list[dict]
     streams: list[int]
     vocab: bool = False
+    dtype: str = "float32"  # the dtype every step rounds to (see .precision)
+    copy: bool = False  # a non-float tensor: copied from the first input (all inputs must agree)
 
     @property
     def numel(self) -> int:
@@ -92,8 +105,10 @@ def _open_model(name: str, path: Path) -> Model:
         config = json.loads(cfg_path.read_text())
     except OSError:
         raise CheckpointError(f"model {name!r}: {cfg_path} not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"model {name!r}: {cfg_path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"model {name!r}: {cfg_path} must hold a JSON object, not {type(config).__name__}")
     return Model(name, path, config, SafetensorsReader(path))
 
 
@@ -104,10 +119,15 @@ class Plan:
     jobs: list[Job]
     donor: Model
     out_config: dict
-    tokenizer: Any = None  # a transformers tokenizer to save (union), else None
-    tokenizer_dir: Path | None = None
-    permutations: dict | None = None  # model index -> int array (out id -> orig id or -1)
-    compute_dtype: str | None = None
+    vocab: VocabPlan | None = None  # the output vocabulary (tokenizer_source / tokenizer block)
+    chat_template: str | None = None  # resolved Jinja text (chat_template key)
+
+    def base_index(self, job: Job) -> int | None:
+        """The model index of ``job``'s base model (the slice's or the config's), if any."""
+        if job.base_pos is not None:
+            return job.inputs[job.base_pos][0]
+        names = [m.name for m in self.models]
+        return names.index(self.config.base_model) if self.config.base_model in names else None
 
     @property
     def total_in_bytes(self) -> int:
@@ -118,8 +138,17 @@ class Plan:
         return sum(j.numel * j.out_dtype.itemsize for j in self.jobs)
 
 
-def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
+def plan_merge(cfg: MergeConfig, seed: int = 0, compute_dtype: str | None = None) -> Plan:
+    """Every output tensor as a :class:`Job`, all parameters resolved and validated: nothing is read
+    or written yet, so every configuration error surfaces before any work.
+
+    ``compute_dtype`` ("auto", "float32"; default: the config's ``compute_dtype``, else "auto"):
+    "auto" does each step in the merge dtype as mergekit does (``dtype:``, else the inputs' promoted
+    dtype); "float32" does every step in float32 and rounds once to the output dtype."""
     spec = cfg.spec
+    compute = compute_dtype or cfg.compute_dtype or "auto"
+    if compute not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, not {compute!r}")
     names = cfg.referenced_models()
     models = [_open_model(n, cfg.resolve_path(n)) for n in names]
     idx = {n: i for i, n in enumerate(names)}
@@ -169,7 +198,7 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
     if "lm_head.weight" not in donor.reader and donor.config.get("tie_word_embeddings") is False:
         post.append("lm_head.weight")
 
-    vocab = _vocab_setup(cfg, models, idx, donor) if cfg.tokenizer_source else None
+    vocab = build_vocab(cfg, models, models.index(donor)) if cfg.vocab_source else None
     out_dtype_name = cfg.out_dtype or cfg.dtype
     jobs: list[Job] = []
 
@@ -186,9 +215,20 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
             if st is None:
                 raise MissingTensorError(f"model {s.model!r} ({models[idx[s.model]].path}) has no tensor {nm!r}")
         shapes = [models[idx[s.model]].reader.shape(st) for s, st in zip(srcs, stored)]
+        in_dtypes = [models[idx[s.model]].reader.dtype(st) for s, st in zip(srcs, stored)]
+        floats = [d.kind == "f" or d == NP_DTYPES["bfloat16"] for d in in_dtypes]
+        if not all(floats):  # mergekit: non-float buffers are copied when every input agrees
+            if any(floats) or len(set(in_dtypes)) > 1 or len(set(shapes)) > 1:
+                raise CheckpointError(f"tensor {out_name!r} is not floating point in every model (" + ", ".join(
+                    f"{s.model}: {d.name} {list(sh)}" for s, d, sh in zip(srcs, in_dtypes, shapes))
+                    + "); non-float tensors are copied, so all models must store the same dtype and shape")
+            jobs.append(Job(out_name, tuple(shapes[0]), in_dtypes[0], [(idx[s.model], st) for s, st in
+                                                                     zip(srcs, stored)], None, {}, [{}] * len(srcs),
+                            [], copy=True))
+            return
         is_vocab = _is_vocab(out_name) and vocab is not None
         if is_vocab:
-            shape = (len(vocab["vocab"]),) + tuple(shapes[0][1:])
+            shape = (vocab.size,) + tuple(shapes[0][1:])
             if len({sh[1:] for sh in shapes}) > 1:
                 raise ShapeMismatchError(f"tensor {out_name!r}: non-vocabulary dimensions differ: " + ", ".join(
                     f"{s.model}: {list(sh)}" for s, sh in zip(srcs, shapes)))
@@ -213,12 +253,15 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
                 if p.scope == "input" or (p.scope == "non_base" and i != base_pos):
                     d[p.name] = resolve_parameter(p, scopes, st, t, f"{s.model}: {st}")
             per_input.append(d)
-        in_dtypes = [models[idx[s.model]].reader.dtype(st) for s, st in zip(srcs, stored)]
-        od = _NP_DTYPES[out_dtype_name] if out_dtype_name else _promote(in_dtypes)
+        check_group(spec, shared, per_input, [s.model for s in srcs], base_pos, out_name)
+        merge_dtype = dtype_name(cfg.dtype) if cfg.dtype else promote(in_dtypes).name
+        result = "float32" if spec.result == "float32" and compute == "auto" else merge_dtype
+        od = NP_DTYPES[cfg.out_dtype] if cfg.out_dtype else NP_DTYPES[result]
         nb = [i for i in range(len(srcs)) if i != base_pos]
         streams = [rng.tensor_stream(seed, out_name, j) for j in range(len(nb))]
         jobs.append(Job(out_name, tuple(shape), od, [(idx[s.model], st) for s, st in zip(srcs, stored)],
-                        base_pos, shared, per_input, streams, is_vocab))
+                        base_pos, shared, per_input, streams, is_vocab,
+                        dtype=merge_dtype if compute == "auto" else "float32"))
 
     for n in pre:
         add(n, [n] * len(slices[0].sources), slices[0], 0.0)
@@ -244,22 +287,12 @@ def plan_merge(cfg: MergeConfig, seed: int = 0) -> Plan:
             out_config["layer_types"] = [out_config["layer_types"][i] for i in source_layer]
     if out_dtype_name:
         out_config["torch_dtype" if "torch_dtype" in out_config else "dtype"] = out_dtype_name
-    plan = Plan(cfg, models, jobs, donor, out_config, compute_dtype=cfg.dtype)
+    plan = Plan(cfg, models, jobs, donor, out_config)
     if vocab is not None:
-        out_config["vocab_size"] = len(vocab["vocab"])
-        plan.tokenizer = vocab["tokenizer"]
-        plan.permutations = vocab["perms"]
-        plan.tokenizer_dir = vocab["dir"]
+        out_config["vocab_size"] = vocab.size
+        plan.vocab = vocab
+    plan.chat_template = resolve_chat_template(cfg.chat_template, models)
     return plan
-
-
-def _promote(dtypes) -> np.dtype:
-    out = dtypes[0]
-    for d in dtypes[1:]:
-        if d != out:
-            out = np.promote_types(out, d) if ml_dtypes.bfloat16 not in (d, out) else (
-                np.dtype(np.float32) if {np.dtype(d), np.dtype(out)} != {np.dtype(ml_dtypes.bfloat16)} else d)
-    return np.dtype(out)
 
 
 def _check_contract(spec, inputs: list[str], base: str | None, where: str) -> None:
@@ -277,117 +310,6 @@ def _check_contract(spec, inputs: list[str], base: str | None, where: str) -> No
             spec.max_non_base is not None and nb > spec.max_non_base):
         raise ConfigError(f"merge method {spec.name!r} needs {spec.min_non_base}"
                           f"{'' if spec.max_non_base == spec.min_non_base else '+'} non-base models, got {nb} ({where})")
-
-
-# -- vocabularies (mergekit tokenizer_source semantics) -----------------------------------------------
-
-def _vocab_setup(cfg: MergeConfig, models, idx, donor) -> dict:
-    try:
-        import transformers
-    except ImportError as e:  # pragma: no cover
-        raise ConfigError("tokenizer_source needs transformers installed") from e
-
-    def load(m: Model):
-        try:
-            return transformers.AutoTokenizer.from_pretrained(str(m.path))
-        except Exception as e:  # noqa: BLE001
-            raise ConfigError(f"tokenizer_source: cannot load the tokenizer of {m.name!r}: {e}") from None
-
-    def vsize(m: Model, tok) -> int:
-        return int(m.config.get("vocab_size") or len(tok.get_vocab()))
-
-    base_m = models[idx[cfg.base_model]] if cfg.base_model else models[0]
-    # As mergekit does, a model directory that ships no tokenizer at all (common for fine-tunes saved with
-    # save_pretrained alone) is taken to share the base model's; a tokenizer that is present but broken
-    # is still an error.
-    has_tok = [any((Path(m.path) / f).is_file() for f in TOKENIZER_FILES) for m in models]
-    if not has_tok[models.index(base_m)]:
-        raise ConfigError(f"tokenizer_source: the base model {base_m.name!r} has no tokenizer files")
-    base_tok = load(base_m)
-    toks = {}
-    for i, m in enumerate(models):
-        if m is base_m:
-            toks[i] = base_tok
-        elif has_tok[i]:
-            toks[i] = load(m)
-        else:
-            warnings.warn(f"tokenizer_source: {m.name!r} has no tokenizer files; assuming it shares the "
-                          f"base model's ({base_m.name!r})", stacklevel=2)
-            toks[i] = base_tok
-    out_tok, out_dir = None, None
-    ts = cfg.tokenizer_source
-    if ts == "base":
-        btok = toks[models.index(base_m)]
-        vocab = {t: i for t, i in btok.get_vocab().items() if i < vsize(base_m, btok)}
-        out_dir = base_m.path
-    elif ts == "union":
-        out_tok = load(base_m)
-        base_vocab = out_tok.get_vocab()
-        extra = []
-        seen = set(base_vocab)
-        for i, m in enumerate(models):
-            added = {a.content for a in toks[i].added_tokens_decoder.values()}
-            for t, k in sorted(toks[i].get_vocab().items(), key=lambda kv: kv[1]):
-                if k >= vsize(m, toks[i]) or t in seen:
-                    continue
-                seen.add(t)
-                extra.append((t, t in added))
-        # one add_tokens call per run of equally special tokens: ids are given in list order, and each
-        # call rebuilds the tokenizer's added-token matcher (one call per token is quadratic)
-        for special, run in itertools.groupby(extra, key=lambda e: e[1]):
-            out_tok.add_tokens([t for t, _ in run], special_tokens=special)
-        vocab = out_tok.get_vocab()
-    else:
-        if ts not in idx:
-            src = _open_model(ts, cfg.resolve_path(ts))
-            tk = load(src)
-        else:
-            src, tk = models[idx[ts]], toks[idx[ts]]
-        vocab = tk.get_vocab()
-        out_dir = src.path
-    perms = {}
-    for i, m in enumerate(models):
-        mv = toks[i].get_vocab()
-        vs = vsize(m, toks[i])
-        p = np.full(len(vocab), -1, np.int64)
-        for t, new in vocab.items():
-            o = mv.get(t)
-            if o is not None and o < vs and new < len(vocab):
-                p[new] = o
-        perms[i] = p
-    return {"vocab": vocab, "tokenizer": out_tok, "dir": out_dir, "perms": perms}
-
-
-def permute_vocab(job: Job, arrays: list[np.ndarray], perms: dict, base_pos: int | None) -> list[np.ndarray]:
-    """Align each input's rows to the output vocabulary (mergekit ``PermutedVocabulary``): a token
-    missing from some models takes the row of the only model that has it, else the base's row, else
-    the mean of the models that have it (zeros if none has it)."""
-    models = [m for m, _ in job.inputs]
-    P = np.stack([perms[m] for m in models])  # [n, V]
-    present = P >= 0
-    V = P.shape[1]
-    rows = [np.where(present[i][:, None], a[np.maximum(P[i], 0)].astype(np.float32), 0.0)
-            for i, a in enumerate(arrays)]
-    fill = np.zeros((V,) + arrays[0].shape[1:], np.float32)
-    count = present.sum(0)
-    missing_somewhere = count < len(models)
-    if missing_somewhere.any():
-        for tok in np.nonzero(missing_somewhere)[0]:
-            have = np.nonzero(present[:, tok])[0]
-            if len(have) == 0:
-                continue
-            if len(have) == 1:
-                fill[tok] = rows[have[0]][tok]
-            elif base_pos is not None and present[base_pos, tok]:
-                fill[tok] = rows[base_pos][tok]
-            else:
-                fill[tok] = np.mean([rows[h][tok] for h in have], axis=0)
-    out = []
-    for i in range(len(arrays)):
-        r = aligned_empty(rows[i].shape, arrays[i].dtype)  # aligned: XLA:CPU adopts it without a copy
-        r[...] = np.where(present[i][:, None], rows[i], fill)
-        out.append(r)
-    return out
 
 
 # -- execution ---------------------------------------------------------------------------------------
@@ -445,6 +367,7 @@ class _Runner:
         if self.devices[0].platform == "cpu":
             retain_freed_memory()  # XLA:CPU's chunk temporaries: reuse heap blocks, not fresh mmaps
         self.budget = memory_budget
+        self.host = self.devices[0].platform == "cpu"  # order statistics may use NumPy on host arrays
         self.sharding = None
         if len(self.devices) > 1:
             from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -478,32 +401,44 @@ class _Runner:
 
     def _run_job(self, job: Job, writer: ShardedWriter) -> int:
         in_bytes = sum(self.plan.models[m].reader.info(n).nbytes for m, n in job.inputs)
-        cd = self.plan.compute_dtype
+        if job.copy:
+            self._copy(job, writer)
+            return in_bytes
         if job.vocab:
-            arrays = permute_vocab(job, self.read(job), self.plan.permutations, job.base_pos)
+            base = self.plan.base_index(job)
+            arrays = permute_vocab(job.name, self.read(job), [m for m, _ in job.inputs], self.plan.vocab, base,
+                                   job.dtype)
             arrays = [a.reshape(-1) for a in arrays]
         elif self.streamable(job) and in_bytes > self.budget:
             arrays = None  # read chunk by chunk
         else:
             arrays = [a.reshape(-1) for a in self.read(job)]
         if not self.streamable(job):
-            if cd:
-                arrays = [a.astype(_NP_DTYPES[cd]) for a in arrays]
             arrays = [a.reshape(job.shape) for a in arrays]
-            res = merge_group(self.plan.config.spec, arrays, job.base_pos, job.shared, job.per_input, job.streams)
+            res = merge_group(self.plan.config.spec, arrays, job.base_pos, job.shared, job.per_input, job.streams,
+                              dtype=job.dtype, host=self.host)
             writer.write(job.name, np.asarray(res).astype(job.out_dtype))
             return in_bytes
         self._stream(job, arrays, writer)
         return in_bytes
+
+    def _copy(self, job: Job, writer: ShardedWriter) -> None:
+        """A non-float tensor (an integer buffer): every input must hold the same values (mergekit's rule)."""
+        arrays = self.read(job)
+        for (m, _), a in zip(job.inputs[1:], arrays[1:]):
+            if not np.array_equal(a, arrays[0]):
+                raise CheckpointError(f"tensor {job.name!r} ({a.dtype.name}) differs between "
+                                      f"{self.plan.models[job.inputs[0][0]].name!r} and {self.plan.models[m].name!r}; "
+                                      "non-float tensors are copied, not merged, so the models must agree on it")
+        writer.write(job.name, arrays[0])
 
     def _stream(self, job: Job, arrays, writer: ShardedWriter) -> None:
         import jax.numpy as jnp
         spec = self.plan.config.spec
         n = job.numel
         C = kernels.chunk_size(n, len(self.devices))
-        cd = self.plan.compute_dtype
-        in_dtype = jnp.dtype(cd) if cd else None
         nchunks = max(1, -(-n // C))
+        ones = guard_ones()
 
         def load(i):
             lo, hi = i * C, min(n, (i + 1) * C)
@@ -524,19 +459,21 @@ class _Runner:
             w = jnp.asarray([p["weight"] for p in job.per_input], jnp.float32)
 
             def kernel(xs, lo):
-                return kernels.linear_chunk(tuple(xs), w, normalize=bool(job.shared["normalize"]),
-                                            in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+                return kernels.linear_chunk(tuple(xs), w, ones, normalize=bool(job.shared["normalize"]),
+                                            dtype=job.dtype, out_dtype=jnp.dtype(job.out_dtype))
         else:
             bp = job.base_pos
             nb = [i for i in range(len(job.inputs)) if i != bp]
-            scales, streams, thr, full, weights = self._task_vector_scales(job, nb, chunks, in_dtype)
+            scales, streams, thr, full, weights = self._task_vector_scales(job, nb, chunks)
 
             def kernel(xs, lo):
                 return kernels.task_vector_chunk(
                     xs[bp], tuple(xs[i] for i in nb), streams, thr, scales, weights,
-                    np.float32(job.shared["lambda"]), _index32(lo), random=spec.sparsify == "random",
+                    np.float32(job.shared["lambda"]), _index32(lo), ones, random=spec.sparsify == "random",
                     full=full, consensus=spec.consensus, normalize=bool(job.shared["normalize"]),
-                    in_dtype=in_dtype, out_dtype=jnp.dtype(job.out_dtype))
+                    rescale=rescale_mode(job.shared["rescale"]), dtype=job.dtype,
+                    out_dtype=jnp.dtype(job.out_dtype))
+
         def copy_out(r, lo, hi):
             out[lo:hi] = np.asarray(r)[: hi - lo]
 
@@ -549,7 +486,7 @@ class _Runner:
         copy_out(*pending)
         writer.write(job.name, out.reshape(job.shape))
 
-    def _task_vector_scales(self, job: Job, nb: list[int], chunks, in_dtype):
+    def _task_vector_scales(self, job: Job, nb: list[int], chunks):
         """Per-input rescale factors (1, 1/density, or mergekit's L1 ratio from a statistics pass over
         ``chunks``), with the kernel's other per-input arguments."""
         spec = self.plan.config.spec
@@ -566,13 +503,10 @@ class _Runner:
         elif random and mode == "l1" and not all(full):
             sel = [k for k in range(len(nb)) if not full[k]]
             bp = job.base_pos
+            ones = guard_ones()
             parts = [kernels.l1_sums(xs[bp], tuple(xs[nb[k]] for k in sel), streams[sel], thr[sel],
-                                     _index32(lo), in_dtype=in_dtype) for xs, lo, _ in chunks()]
-            totals = kernels.l1_totals(parts, job.numel)
-            for j, k in enumerate(sel):
-                before, after = totals[j]
-                if before >= 1e-7 and after >= 1e-7:
-                    scales[k] = before / after
+                                     _index32(lo), ones, dtype=job.dtype) for xs, lo, _ in chunks()]
+            scales[sel] = kernels.l1_scales(kernels.l1_totals(parts, job.numel), job.dtype)
         return scales, streams, thr, full, weights
 
 
@@ -585,6 +519,7 @@ def execute(plan: Plan, out_dir: str | os.PathLike, *, device: str = "cpu", out_
     (:func:`fusion_jax.utils.malloc.retain_freed_memory`: up to 1 GB of freed heap stays mapped for reuse);
     set ``FUSION_JAX_MALLOC_TUNING=0`` to keep the defaults.
     """
+    check_output_path(Path(out_dir), [m.path for m in plan.models])
     runner = _Runner(plan, device, parse_size(memory_budget))
     workers = workers or 2  # measured on 2 cores: 2 overlaps I/O with math; 3 makes XLA threads contend
     t0 = time.perf_counter()
@@ -615,22 +550,54 @@ def _write_metadata(plan: Plan, out: Path) -> None:
     gen = plan.donor.path / "generation_config.json"
     if gen.is_file():
         shutil.copy(gen, out / "generation_config.json")
-    if plan.tokenizer is not None:
-        plan.tokenizer.save_pretrained(str(out))
-    else:
-        src = plan.tokenizer_dir or plan.donor.path
-        for f in TOKENIZER_FILES:
-            if (src / f).is_file():
-                shutil.copy(src / f, out / f)
+    _write_tokenizer(plan, out)
     cfg_raw = plan.config.raw
     if cfg_raw:
         import yaml
         (out / "fusion_jax_merge.yml").write_text(yaml.safe_dump(cfg_raw, sort_keys=False))
 
 
+def check_output_path(out: Path, inputs) -> None:
+    """Refuse an output path that is, contains or lies inside an input model's directory: the merge
+    (with --overwrite) would replace or delete its own inputs. Symlinks are resolved first."""
+    o = Path(os.path.realpath(out))
+    for p in inputs:
+        i = Path(os.path.realpath(p))
+        if o == i or i in o.parents or o in i.parents:
+            what = "is" if o == i else "is inside" if i in o.parents else "contains"
+            raise ConfigError(f"output path {out} {what} the input model directory {p}; "
+                              "choose an output path outside every input")
+
+
+def _write_tokenizer(plan: Plan, out: Path) -> None:
+    """As mergekit: a built vocabulary's tokenizer is saved by transformers (with the chat template);
+    without one, the donor's tokenizer files are copied, or re-saved when a chat_template is given."""
+    donor = plan.donor.path
+    if plan.vocab is not None:
+        tok = plan.vocab.tokenizer
+    elif plan.config.chat_template is None and (donor / "tokenizer_config.json").is_file() and (
+            (donor / "tokenizer.json").is_file() or (donor / "tokenizer.model").is_file()):
+        for f in TOKENIZER_FILES:
+            if (donor / f).is_file():
+                shutil.copy(donor / f, out / f)
+        return
+    else:
+        import transformers
+        try:
+            tok = transformers.AutoTokenizer.from_pretrained(str(donor))
+        except Exception as e:  # noqa: BLE001  (no tokenizer to carry over: mergekit warns and goes on)
+            if plan.config.chat_template:
+                warnings.warn(f"chat_template: {plan.donor.name!r} has no loadable tokenizer ({e}); "
+                              "the output has no tokenizer", stacklevel=2)
+            return
+    if plan.chat_template:
+        tok.chat_template = plan.chat_template
+    tok.save_pretrained(str(out))
+
+
 def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size="5GB",
           overwrite: bool = False, quiet: bool = False, workers: int | None = None,
-          memory_budget="256MB") -> dict:
+          memory_budget="256MB", compute_dtype: str | None = None) -> dict:
     """Python API: merge per a mergekit YAML path (or dict or MergeConfig) into ``out_dir``.
 
     On the CPU it tunes glibc's malloc for the rest of the process (see :func:`execute`).
@@ -640,11 +607,17 @@ def merge(config, out_dir, *, seed: int = 0, device: str = "cpu", out_shard_size
             parse_size(size)
         except ValueError as e:
             raise ConfigError(f"{opt}: {e}") from None
+    if not isinstance(config, (MergeConfig, dict)) and len(read_documents(config)) > 1:
+        from fusion_jax.merging.multi import merge_documents
+        return merge_documents(config, out_dir, seed=seed, device=device, out_shard_size=out_shard_size,
+                               overwrite=overwrite, quiet=quiet, workers=workers, memory_budget=memory_budget,
+                               compute_dtype=compute_dtype)
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FusionError(f"output path {out} already exists")
-    plan = plan_merge(cfg, seed=seed)
+    check_output_path(out, [cfg.resolve_path(m) for m in cfg.referenced_models()])
+    plan = plan_merge(cfg, seed=seed, compute_dtype=compute_dtype)
     try:
         return execute(plan, out, device=device, out_shard_size=out_shard_size, overwrite=overwrite,
                        quiet=quiet, workers=workers, memory_budget=memory_budget)

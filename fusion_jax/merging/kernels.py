@@ -3,7 +3,9 @@
 A tensor is processed in fixed-size chunks of its flat view (the last chunk zero-padded), so ONE
 compilation serves every tensor of every shape, memory stays bounded by a chunk, and randomness comes
 from the element's global index (see :mod:`.rng`). mergekit's L1 rescale needs two per-model sums over
-the whole tensor; those are a first pass (``l1_sums``) before the apply pass.
+the whole tensor; those are a first pass (``l1_sums``) before the apply pass, summed in the fixed order
+of :mod:`.reduction`, so the result is the whole-tensor kernels' (:mod:`.task_vectors`) bit for bit.
+The arithmetic is theirs too (:func:`.task_vectors.combine`, :mod:`.precision`'s rounding).
 """
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ import numpy as np
 
 from fusion_jax.hf.safetensors_io import aligned_empty
 from fusion_jax.merging import rng
+from fusion_jax.merging.elementwise import linear_body
+from fusion_jax.merging.precision import fma_guard, rounder, sparsify_dtype
+from fusion_jax.merging.reduction import LANES, ROW, halve_rows, layout, tree_total  # noqa: F401 (LANES: kernels.LANES)
+from fusion_jax.merging.task_vectors import combine, l1_ratio
 
 # Elements per chunk: powers of two, so chunks never straddle 2**32 index boundaries. On one device a
 # 512K chunk keeps the kernels' inputs and temporaries in cache (measured on 2 cores: 0.5 s less for a
@@ -24,20 +30,9 @@ CHUNK = 1 << 19
 CHUNK_MESH = 1 << 22
 
 
-def _f32(x, in_dtype):
-    if in_dtype is not None and x.dtype != jnp.dtype(in_dtype):
-        x = x.astype(in_dtype)
-    return x.astype(jnp.float32)
-
-
 # The L1 sums come back as partial sums of ROW elements each, LANES partials side by side ([blocks, LANES]),
-# and the host adds the partials in float64. A whole-chunk ``.sum()`` would be reduced in a different order
-# on 1 and on 8 devices (local sums, then an all-reduce) and change the merged bytes; a block never straddles
-# devices (see ``shardable``) and each partial is a fixed halving tree of element-wise adds (exact IEEE
-# operations in a fixed order), so every partial is identical whatever the mesh. XLA's own reduce picks its
-# association order from the local shape (measured: [16, 256] and [2, 256] rows sum differently).
-ROW = 256
-LANES = 128
+# in the order of :mod:`.reduction` (each partial a fixed halving tree of element-wise adds), so every
+# partial is identical whatever the mesh or chunking; ``l1_totals`` then adds them up in its fixed order.
 # How the tree is split into fusions is a measured XLA:CPU choice (2 cores, 4M elements, 3 fine-tunes):
 # the first _LEAF_LEVELS levels are computed straight from the inputs (4 leaves per output, each leaf
 # converting, subtracting and hashing its own slice), so one loop fusion reads the bf16 inputs once and
@@ -47,12 +42,6 @@ LANES = 128
 # 8 leaves is again slower than 4. Result: 7.4 ms for both sums of 3 fine-tunes per 4M elements, out of
 # cache (separate single-output reductions, as before: ~22 ms).
 _LEAF_LEVELS = 2
-
-
-def layout(n: int) -> tuple[int, int]:
-    """(blocks, lanes) of a chunk of ``n`` elements (a power of two >= ROW): partials are [blocks, lanes]."""
-    lanes = min(LANES, n // ROW)
-    return n // (ROW * lanes), lanes
 
 
 def shardable(n: int, num_devices: int) -> bool:
@@ -69,18 +58,11 @@ def _halve(parts: list):
     return parts[0]
 
 
-def _tree_rows(v):
-    """Halving tree over axis -2 of [..., R, lanes] -> [..., lanes]."""
-    while v.shape[-2] > 1:
-        h = v.shape[-2] // 2
-        v = v[..., :h, :] + v[..., h:, :]
-    return v[..., 0, :]
-
-
-@functools.partial(jax.jit, static_argnames=("in_dtype",))
-def l1_sums(base, xs, streams, thresholds, offset, in_dtype=None):
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def l1_sums(base, xs, streams, thresholds, offset, ones, dtype="float32"):
     """mergekit's L1-rescale statistics of one chunk, for each fine-tune i in ``xs``:
-    partials of sum|x_i - base| and of sum over kept elements (``rng.bits(..) < thresholds[i]``).
+    partials of sum|x_i - base| and of sum over kept elements (``rng.bits(..) < thresholds[i]``),
+    the deltas in the merge ``dtype``.
 
     Returns float32 [len(xs), 2, blocks, lanes]; :func:`l1_totals` adds up a tensor's chunks.
     """
@@ -92,79 +74,77 @@ def l1_sums(base, xs, streams, thresholds, offset, in_dtype=None):
     idx = (jax.lax.broadcasted_iota(jnp.uint32, shape, 0) * jnp.uint32(ROW * lanes)
            + jax.lax.broadcasted_iota(jnp.uint32, shape, 1) * jnp.uint32(lanes)
            + jax.lax.broadcasted_iota(jnp.uint32, shape, 2) + jnp.asarray(offset, jnp.uint32))
-    b3 = base.reshape(blocks, ROW, lanes)
-    out = []
-    for i, x in enumerate(xs):
-        x3 = x.reshape(blocks, ROW, lanes)
-        absd, kept = [], []
-        for k in range(leaves):
-            sl = slice(k * rows, (k + 1) * rows)
-            d = jnp.abs(_f32(x3[:, sl], in_dtype) - _f32(b3[:, sl], in_dtype))
-            keep = rng.hash_index(idx + jnp.uint32(k * rows * lanes), streams[i]) < thresholds[i]
-            absd.append(d)
-            kept.append(jnp.where(keep, d, 0.0))
-        top = jax.lax.optimization_barrier(jnp.stack([_halve(absd), _halve(kept)]))
-        out.append(_tree_rows(top))
-    return jnp.stack(out)
+    with fma_guard(ones):
+        R = rounder(dtype)
+        b3 = base.reshape(blocks, ROW, lanes)
+        out = []
+        for i, x in enumerate(xs):
+            x3 = x.reshape(blocks, ROW, lanes)
+            absd, kept = [], []
+            for k in range(leaves):
+                sl = slice(k * rows, (k + 1) * rows)
+                d = jnp.abs(R(R(x3[:, sl]) - R(b3[:, sl])))
+                keep = rng.hash_index(idx + jnp.uint32(k * rows * lanes), streams[i]) < thresholds[i]
+                absd.append(d)
+                kept.append(jnp.where(keep, d, 0.0))
+            top = jax.lax.optimization_barrier(jnp.stack([_halve(absd), _halve(kept)]))
+            out.append(halve_rows(top))
+        return jnp.stack(out)
 
 
 def real_partials(parts, n: int) -> np.ndarray:
     """The ``l1_sums`` partials of an ``n``-element tensor's chunks as [inputs, 2, partials], in flat
     order, without the last chunk's padding blocks: the same array whatever the chunk size (one device
-    and a mesh chunk a tensor differently, see ``chunk_size``)."""
+    and a mesh chunk a tensor differently, see ``chunk_size``), and :func:`.reduction.block_partials`'s."""
     p = np.stack([np.asarray(c) for c in parts], axis=2)  # [inputs, 2, chunks, blocks, lanes]
     lanes = p.shape[-1]
     return p.reshape(p.shape[0], 2, -1)[:, :, : -(-n // (ROW * lanes)) * lanes]
 
 
 def l1_totals(parts, n: int) -> np.ndarray:
-    """float64 totals [inputs, 2] of :func:`real_partials` (numpy's pairwise sum: its split points depend
-    on the length, which is why the padding must go first)."""
-    return real_partials(parts, n).astype(np.float64).sum(-1)
+    """float32 totals [inputs, 2] of :func:`real_partials`, in :func:`.reduction.tree_total`'s order."""
+    return np.asarray(tree_total(real_partials(parts, n)))
 
 
-@functools.partial(jax.jit, static_argnames=("random", "full", "consensus", "normalize", "in_dtype",
+def l1_scales(totals: np.ndarray, dtype: str) -> np.ndarray:
+    """Each input's L1 rescale factor from its totals [inputs, 2], rounded as mergekit rounds it in
+    the sparsification dtype (:func:`.task_vectors.l1_ratio`)."""
+    W = rounder(sparsify_dtype(dtype))
+    return np.asarray(l1_ratio(totals[:, 0], totals[:, 1], W), np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("random", "full", "consensus", "normalize", "rescale", "dtype",
                                              "out_dtype"))
-def task_vector_chunk(base, xs, streams, thresholds, scales, weights, lam, offset, *, random, full,
-                      consensus, normalize, in_dtype, out_dtype):
+def task_vector_chunk(base, xs, streams, thresholds, scales, weights, lam, offset, ones, *, random, full,
+                      consensus, normalize, rescale, dtype, out_dtype):
     """One chunk of the task-vector family with random (DARE) or no sparsification.
 
-    ``full[i]`` marks inputs with density >= 1 (no drop). ``scales`` are the rescale factors (L1 ratio,
-    1/density, or 1). Mirrors :func:`fusion_jax.merging.methods.task_vector_merge`.
+    ``full[i]`` marks inputs with density >= 1 (no drop). ``scales`` are the rescale factors (L1 ratio
+    or 1/density; used when ``rescale`` is "l1" or "inverse"). The same arithmetic as
+    :func:`fusion_jax.merging.task_vectors.task_vector_merge`, element for element.
     """
-    b = _f32(base, in_dtype)
-    n = b.size
-    ds = []
-    for i, x in enumerate(xs):
-        d = _f32(x, in_dtype) - b
-        if random and not full[i]:
-            keep = rng.bits(n, streams[i], offset) < thresholds[i]
-            d = jnp.where(keep, d * scales[i], 0.0)
-        ds.append(d * weights[i])
-    if consensus:
-        if consensus == "sum":
-            maj = jnp.where(sum(ds) >= 0, 1.0, -1.0)
-        else:
-            maj = jnp.where(sum(jnp.sign(d) for d in ds) >= 0, 1.0, -1.0)
-        agree = [jnp.sign(d) == maj for d in ds]
-        mixed = sum(jnp.where(a, d, 0.0) for a, d in zip(agree, ds))
-        if normalize:
-            div = sum(jnp.where(a, weights[i], 0.0) for i, a in enumerate(agree))
-            mixed = mixed / jnp.where(div == 0, 1.0, div)
-    else:
-        mixed = sum(ds)
-        if normalize:
-            div = sum(weights[i] for i in range(len(ds)))
-            mixed = mixed / jnp.where(jnp.abs(div) < 1e-8, 1.0, div)
-    return (b + mixed * lam).astype(out_dtype)
+    n = base.size
+    with fma_guard(ones):
+        R = rounder(dtype)
+        W = rounder(sparsify_dtype(dtype))
+        b = R(base)
+        ds = []
+        for i, x in enumerate(xs):
+            d = R(R(x) - b)
+            if random and not full[i]:
+                keep = rng.bits(n, streams[i], offset) < thresholds[i]
+                d = jnp.where(keep, d, 0.0)
+                if rescale in ("l1", "inverse"):
+                    d = W(d * scales[i])
+                d = R(d)
+            ds.append(d)
+        w = [R(weights[i]) for i in range(len(xs))]
+        return combine(b, ds, w, lam, consensus=consensus, normalize=normalize, R=R).astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("normalize", "in_dtype", "out_dtype"))
-def linear_chunk(xs, weights, *, normalize, in_dtype, out_dtype):
-    acc = sum(_f32(x, in_dtype) * weights[i] for i, x in enumerate(xs))
-    if normalize:
-        acc = acc / sum(weights[i] for i in range(len(xs)))
-    return acc.astype(out_dtype)
+@functools.partial(jax.jit, static_argnames=("normalize", "dtype", "out_dtype"))
+def linear_chunk(xs, weights, ones, *, normalize, dtype, out_dtype):
+    return linear_body(xs, weights, ones, normalize=normalize, dtype=dtype).astype(out_dtype)
 
 
 def chunk_size(n: int, num_devices: int = 1) -> int:

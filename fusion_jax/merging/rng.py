@@ -99,6 +99,26 @@ def bits(n: int, stream, offset=0):
     return hash_index(jnp.arange(n, dtype=jnp.uint32) + jnp.asarray(offset, jnp.uint32), stream)
 
 
+def flat_index(shape, offset=0):
+    """uint32 flat (row-major) index of every element of an array of ``shape``, plus ``offset``, built
+    from per-axis iotas: no flat temporary to reshape, so a sharded array's indices stay sharded."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = tuple(shape)
+    idx = jnp.asarray(offset, jnp.uint32)
+    stride = 1
+    for axis in range(len(shape) - 1, -1, -1):
+        idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, axis) * jnp.uint32(stride & MASK32)
+        stride *= shape[axis]
+    return jnp.broadcast_to(idx, shape)
+
+
+def bits_nd(shape, stream, offset=0):
+    """:func:`bits` laid out in ``shape`` (the element at flat index i gets bits[i])."""
+    return hash_index(flat_index(shape, offset), stream)
+
+
 def keep_mask(shape, thresh, stream, offset=0):
     """Boolean keep mask of ``shape``; ``thresh`` is a uint32 threshold (see :func:`threshold`)."""
     import math

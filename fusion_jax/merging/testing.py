@@ -96,3 +96,50 @@ def make_family(root, n_finetunes=3, seed=0, dtype="float32", delta_std=0.01, to
         t = {k: v + delta_std * r.standard_normal(v.shape).astype(np.float32) for k, v in base.items()}
         fts.append(write_checkpoint(root / f"ft{i}", cfg, t, dtype, tokenizer, max_shard_size))
     return bp, fts
+
+
+def cut_ties(config, tensor: str) -> np.ndarray:
+    """Boolean mask of the elements of output ``tensor`` where some input's |delta| equals the value
+    at its magnitude cut (TIES / magnitude top-k, Breadcrumbs' two cuts, SCE's variance selection) in
+    the merge's arithmetic:
+    the only elements where mergekit's unstable sort may keep a different subset than fusion-jax's
+    lowest-index rule (see :mod:`fusion_jax.merging.select`). ``config``: a merge YAML path or dict."""
+    import jax.numpy as jnp
+
+    from fusion_jax.merging import load_config, plan_merge
+    from fusion_jax.merging.precision import rounder
+    from fusion_jax.merging.task_vectors import magnitude_k, outlier_window
+    plan = plan_merge(load_config(config))
+    try:
+        job = next(j for j in plan.jobs if j.name == tensor)
+        arrays = [plan.models[m].reader.get(n).astype(np.float32) for m, n in job.inputs]
+    finally:
+        for m in plan.models:
+            m.reader.close()
+    out = np.zeros(job.shape, bool)
+    R = rounder(job.dtype)
+    if plan.config.spec.name == "sce" and job.shared.get("select_topk", 1.0) < 1:  # the variance selection
+        b = R(jnp.asarray(arrays[job.base_pos]))
+        tvs = [R(R(jnp.asarray(x)) - b) for i, x in enumerate(arrays) if i != job.base_pos]
+        mean = sum(tvs[1:], tvs[0]) / len(tvs)
+        var = np.abs(np.asarray(R(sum(((t - mean) ** 2 for t in tvs[1:]), (tvs[0] - mean) ** 2) / len(tvs))))
+        k = int(np.float32(np.count_nonzero(var)) * np.float32(job.shared["select_topk"]))
+        return var == np.sort(var.reshape(-1))[::-1][k - 1] if k > 0 else out
+    if job.base_pos is None or plan.config.spec.sparsify not in ("magnitude", "magnitude_outliers"):
+        return out
+    b = R(jnp.asarray(arrays[job.base_pos]))
+    for i, x in enumerate(arrays):
+        if i == job.base_pos or job.per_input[i].get("density", 1.0) >= 1:
+            continue
+        d = np.abs(np.asarray(R(R(jnp.asarray(x)) - b)))
+        desc = np.sort(d.reshape(-1))[::-1]
+        dens = job.per_input[i]["density"]
+        if plan.config.spec.sparsify == "magnitude_outliers":
+            bot, tgt = outlier_window(dens, job.per_input[i].get("gamma", 0.01), d.size)
+            pos = [d.size - 1 - p for p in (bot - 1, bot, bot + tgt - 1, bot + tgt)]
+        else:
+            pos = [magnitude_k(dens, d.size) - 1]
+        for p in pos:
+            if 0 <= p < d.size:
+                out |= d == desc[p]
+    return out
