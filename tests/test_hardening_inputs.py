@@ -458,10 +458,8 @@ MERGE_DOC = {"merge_method": "dare_ties", "base_model": "base",
              "models": [{"model": "a", "parameters": {"weight": 0.5, "density": 0.5}},
                         {"model": "b", "parameters": {"weight": 0.5, "density": 0.5}}],
              "parameters": {"normalize": True}, "dtype": "float32", "tokenizer_source": "base"}
-# Cases whose fix belongs to the merging engineer (fusion_jax/merging/config.py; issue 14): a value
-# mergekit's own schema rejects crashes with a TypeError, or a density outside [0, 1] is accepted.
-MERGING_OPEN = {"merge_method=list", "merge_method=object", "dtype=list", "dtype=object",
-                "models[0].parameters.density=neg"}
+
+
 @pytest.fixture(scope="module")
 def merge_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
@@ -480,15 +478,7 @@ def _merge_case(merge_models, tmp_path, capfd, write, names) -> H.Outcome:
     return o
 
 
-_NOT_UTF8 = pytest.mark.xfail(strict=True, reason="merging engineer (fusion_jax/merging/config.py): a YAML file "
-                              "that is not UTF-8 raises UnicodeDecodeError with a traceback")
-
-
-@pytest.mark.parametrize("how", ["truncate", "delete", pytest.param("garble", marks=_NOT_UTF8),
-                                 pytest.param("utf16", marks=_NOT_UTF8), pytest.param("safetensors", marks=_NOT_UTF8),
-                                 pytest.param("not_mapping", marks=pytest.mark.xfail(
-                                     strict=True, reason="merging engineer (fusion_jax/merging/config.py): 'expected "
-                                     "a mapping at the top level' does not name the YAML file"))])
+@pytest.mark.parametrize("how", ["truncate", "delete", "garble", "utf16", "safetensors", "not_mapping"])
 def test_merge_yaml_bytes(how, merge_models, tmp_path, capfd):
     import yaml
     text = yaml.safe_dump(MERGE_DOC, sort_keys=False)
@@ -517,9 +507,7 @@ def _merge_type_cases():
     out = []
     for case, path, value in H.json_type_cases(MERGE_DOC, max_keys=8):
         if path[:2] == ("models", 0) or path[0] != "models":
-            marks = [pytest.mark.xfail(strict=True, reason="merging engineer (fusion_jax/merging/config.py): "
-                                       "type / range validation of the merge YAML (issue 14)")]
-            out.append(pytest.param(case, path, value, id=case, marks=marks if case in MERGING_OPEN else []))
+            out.append(pytest.param(case, path, value, id=case))
     return out
 
 
@@ -680,16 +668,13 @@ def _cfg_damages():
                     c[k] = v
             (d / "config.json").write_text(json.dumps(c))
         return f
-    merging = pytest.mark.xfail(strict=True, reason="merging engineer (fusion_jax/merging/executor.py "
-                                "_open_model reads config.json itself; fusion_jax.hf.read_config / "
-                                "ModelConfig.from_hf validate it key by key)")
     return [
         pytest.param("truncated", lambda d: os.truncate(d / "config.json", 30), id="truncated"),
-        pytest.param("utf16", lambda d: H.damage_file(d / "config.json", "utf16"), id="utf16", marks=merging),
-        pytest.param("list", lambda d: H.damage_file(d / "config.json", "json", [1]), id="list", marks=merging),
-        pytest.param("no_layers", edit(num_hidden_layers=...), id="no_layers", marks=merging),
-        pytest.param("str_hidden", edit(hidden_size="64"), id="str_hidden", marks=merging),
-        pytest.param("zero_heads", edit(num_attention_heads=0), id="zero_heads", marks=merging),
+        pytest.param("utf16", lambda d: H.damage_file(d / "config.json", "utf16"), id="utf16"),
+        pytest.param("list", lambda d: H.damage_file(d / "config.json", "json", [1]), id="list"),
+        pytest.param("no_layers", edit(num_hidden_layers=...), id="no_layers"),
+        pytest.param("str_hidden", edit(hidden_size="64"), id="str_hidden"),
+        pytest.param("zero_heads", edit(num_attention_heads=0), id="zero_heads"),
     ]
 
 

@@ -166,14 +166,8 @@ def test_a_file_in_the_way(cmd, where, inputs, tmp_path, capfd):
 
 
 # -- modes ---------------------------------------------------------------------------------------------
-_MERGE_COPIES_MODES = pytest.mark.xfail(strict=True, reason="merging engineer (fusion_jax/merging/executor.py "
-                                        "_write_metadata): shutil.copy copies the source's mode bits; "
-                                        "fusion_jax.hf.files.copy_passthrough_files checks and copies with "
-                                        "the umask")
-
-
 @pytest.mark.parametrize("cmd,mask", [(c, m) for c in ("hf-to-orbax", "orbax-to-hf") for m in (0o022, 0o027)]
-                         + [("merge", 0o022), pytest.param("merge", 0o027, marks=_MERGE_COPIES_MODES)])
+                         + [("merge", 0o022), ("merge", 0o027)])
 def test_modes_follow_the_umask(cmd, mask, inputs, tmp_path, capfd):
     out = tmp_path / "out"
     with H.umask(mask):

@@ -163,7 +163,7 @@ def _params(d, spec: MethodSpec, where: str, allowed_scopes=("shared", "input", 
 def _dtype(v, key):
     if v is None:
         return None
-    if v not in _DTYPES:
+    if not isinstance(v, str) or v not in _DTYPES:
         raise ConfigError(f"{key}: unsupported dtype {v!r} (use one of {', '.join(sorted(_DTYPES))})")
     return _DTYPES[v]
 
@@ -245,10 +245,11 @@ def load_config(source: str | os.PathLike | dict, root: str | os.PathLike | None
         raw = docs[0]
         root = path.absolute().parent
     if not isinstance(raw, dict):
-        raise ConfigError("merge config: expected a mapping at the top level")
+        where = "merge config" if isinstance(source, dict) else str(source)
+        raise ConfigError(f"{where}: expected a mapping at the top level, got {type(raw).__name__}")
     _check_keys(raw, _TOP_KEYS, "merge config")
     method = raw.get("merge_method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ConfigError(f"merge_method: unknown merge method {method!r} "
                           f"(available: {', '.join(sorted(METHODS))})")
     spec = METHODS[method]

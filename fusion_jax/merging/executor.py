@@ -109,6 +109,8 @@ def _open_model(name: str, path: Path) -> Model:
         raise CheckpointError(f"model {name!r}: {cfg_path} is not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"model {name!r}: {cfg_path} must hold a JSON object, not {type(config).__name__}")
+    from fusion_jax.models.config import check_hf_fields
+    check_hf_fields(config, f"model {name!r}: {cfg_path}")
     return Model(name, path, config, SafetensorsReader(path))
 
 
@@ -549,7 +551,7 @@ def _write_metadata(plan: Plan, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(plan.out_config, indent=2, sort_keys=True) + "\n")
     gen = plan.donor.path / "generation_config.json"
     if gen.is_file():
-        shutil.copy(gen, out / "generation_config.json")
+        shutil.copyfile(gen, out / "generation_config.json")   # bytes only: the mode follows the umask
     _write_tokenizer(plan, out)
     cfg_raw = plan.config.raw
     if cfg_raw:
@@ -579,7 +581,7 @@ def _write_tokenizer(plan: Plan, out: Path) -> None:
             (donor / "tokenizer.json").is_file() or (donor / "tokenizer.model").is_file()):
         for f in TOKENIZER_FILES:
             if (donor / f).is_file():
-                shutil.copy(donor / f, out / f)
+                shutil.copyfile(donor / f, out / f)
         return
     else:
         import transformers

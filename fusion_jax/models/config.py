@@ -279,12 +279,7 @@ class ModelConfig:
         string where a number belongs, zero attention heads or a ``rope_scaling`` that is not an object
         is a :class:`ConfigError` naming the file and the key, never a traceback or a silent default.
         """
-        if not isinstance(hf, Mapping):
-            raise ConfigError(f"{source}: expected a JSON object at the top level, got {_describe(hf)}")
-        hf = dict(hf)
-        for key, spec in HF_FIELDS.items():
-            if key in hf:
-                spec.check(hf[key], f"{source}: field {key!r}")
+        hf = check_hf_fields(hf, source)
         missing = [k for k, f in HF_FIELDS.items() if f.required and k not in hf]
         if missing:
             raise ConfigError(f"{source}: field {missing[0]!r} is missing (a decoder config needs "
@@ -514,6 +509,19 @@ def _hashable_json(v) -> bool:
 
 
 # -- config.json schema ------------------------------------------------------------------------------
+def check_hf_fields(hf: Any, source: str = "config.json") -> dict:
+    """``hf`` as a dict, every key of :data:`HF_FIELDS` it has checked against its JSON type and range
+    (a :class:`ConfigError` naming ``source`` and the key). Readers that keep a config.json of any
+    architecture as it is (the merger) validate with this alone."""
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object at the top level, got {_describe(hf)}")
+    hf = dict(hf)
+    for key, spec in HF_FIELDS.items():
+        if key in hf:
+            spec.check(hf[key], f"{source}: field {key!r}")
+    return hf
+
+
 def _describe(v: Any) -> str:
     """A JSON value as a user reads it in the file: 'the string "64"', 'a list', 'null'..."""
     if v is None:
