@@ -165,9 +165,8 @@ def hf_view(params: Any, config) -> dict:
     from fusion_jax.hf.mapping import get_path, hf_tensors
     tree = _pure(params)
     out = {}
-    for name, row, layer in hf_tensors(config):
-        x = get_path(tree, row.path)
-        x = x[layer] if layer is not None else x
+    for name, row, index in hf_tensors(config):   # index: () or (layer,) or (layer, expert)
+        x = get_path(tree, row.path)[index]
         out[name] = jnp.swapaxes(x, -1, -2) if row.transpose else x
     return out
 
@@ -177,18 +176,26 @@ def from_hf_view(flat: dict, config, like: Any) -> dict:
     from fusion_jax.hf.mapping import get_path, hf_tensors, set_path
     ref = _pure(like)
     parts: dict = {}
-    for name, row, layer in hf_tensors(config):
+    for name, row, index in hf_tensors(config):   # index: () or (layer,) or (layer, expert)
         x = flat[name]
         x = jnp.swapaxes(x, -1, -2) if row.transpose else x
-        parts.setdefault(row.path, {})[layer] = x
+        parts.setdefault(row.path, {})[index] = x
     out: dict = {}
-    for path, by_layer in parts.items():
-        x = by_layer[None] if None in by_layer else jnp.stack([by_layer[i] for i in range(len(by_layer))])
+    for path, by_index in parts.items():
+        x = _stack_indexed(by_index)
         target = get_path(ref, path)
         if isinstance(target, jax.Array):
             x = jax.device_put(x, target.sharding)
         set_path(out, path, x)
     return out
+
+
+def _stack_indexed(by_index: dict):
+    """``{(i, j, ...): array}`` over a full grid of indices -> one array stacked on leading axes i, j, ..."""
+    if () in by_index:
+        return by_index[()]
+    firsts = sorted({k[0] for k in by_index})
+    return jnp.stack([_stack_indexed({k[1:]: v for k, v in by_index.items() if k[0] == i}) for i in firsts])
 
 
 def _pure(params):
