@@ -156,7 +156,9 @@ def merge_documents(path, out_dir, *, intermediate_dir=None, overwrite: bool = F
             else:
                 continue
             with atomic_directory(dst, overwrite=overwrite) as tmp:
-                os.rename(staging / (name or ".output"), tmp)
+                # move the files in (the temporary directory holds atomic_directory's own marker)
+                for child in (staging / (name or ".output")).iterdir():
+                    os.rename(child, tmp / child.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return dict(stats, seconds=time.perf_counter() - t0, documents=len(order))
