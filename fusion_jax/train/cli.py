@@ -29,6 +29,7 @@ DEFAULT_CONFIG = "configs/ultrafuser.py"
 METHODS: dict[str, str] = {
     "ultrafuser": "fusion_jax.ultrafuser.pipeline:run",
     "toy": "fusion_jax.train.toy:run",   # the trainer's tiny LM (a smoke test of the whole stack)
+    "xft": "fusion_jax.xft.pipeline:run",
 }
 
 # method -> the config options naming directories it writes: checked before the job starts, so a file or a
@@ -36,6 +37,7 @@ METHODS: dict[str, str] = {
 OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
     "ultrafuser": ("output_dir",),
     "toy": ("workdir",),
+    "xft": ("output_dir",),
 }
 
 _USAGE = """usage: {prog} [--config=PATH[:PRESET]] [--config.FIELD=VALUE ...]

@@ -1,4 +1,10 @@
-"""Optimizer from a config: AdamW with a weight-decay mask, warmup + decay schedule, global-norm clipping.
+"""Optimizer from a config: AdamW (or Adafactor) with a weight-decay mask, warmup + decay schedule,
+global-norm clipping.
+
+``name="adafactor"`` is transformers' ``Adafactor`` as the HF Trainer builds it (``scale_parameter=False,
+relative_step=False, warmup_init=False``; what XFT's reference trains with): no momentum, second moments
+factored for every param of >= 2 dims, decay 1 - t^-0.8, eps 1e-30, each param's update RMS-clipped at
+1.0, weight decay lr-coupled (``p -= lr * wd * p``); ``b1``, ``b2`` and ``eps`` are AdamW's and unused.
 
 The optimizer acts on the trainer's flat dict of *trainable* params only (see ``state.ParamSplit``):
 frozen params get neither gradients nor optimizer state. ``lr_multipliers`` gives regex-selected groups
@@ -16,10 +22,12 @@ from fusion_jax.errors import ConfigError
 from fusion_jax.utils.configs import as_mapping
 
 _SCHEDULES = ("cosine", "linear", "constant")
+_OPTIMIZERS = ("adamw", "adafactor")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    name: str = "adamw"                    # adamw | adafactor (see the module docstring)
     learning_rate: float = 1e-3
     schedule: str = "cosine"               # cosine | linear | constant (after warmup)
     warmup_steps: int = 0
@@ -55,6 +63,8 @@ class OptimizerConfig:
         return out
 
     def validate(self) -> None:
+        if self.name not in _OPTIMIZERS:
+            raise ConfigError(f"optimizer.name: {self.name!r} is not one of {', '.join(_OPTIMIZERS)}")
         if self.schedule not in _SCHEDULES:
             raise ConfigError(f"optimizer.schedule: {self.schedule!r} is not one of {', '.join(_SCHEDULES)}")
         if not self.learning_rate > 0:
@@ -99,21 +109,31 @@ def decay_mask(cfg: OptimizerConfig, flat_params: Mapping[str, Any]) -> dict[str
 
 def build_optimizer(cfg: OptimizerConfig, flat_params: Mapping[str, Any], total_steps: int
                     ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (+ clipping, + per-group lr scale) over a flat dict of trainable params.
+    """AdamW or Adafactor (+ clipping, + per-group lr scale) over a flat dict of trainable params.
 
     Returns ``(tx, schedule)``; ``schedule(step)`` is the base learning rate (for logging).
     """
     sched = build_schedule(cfg, total_steps)
 
-    inner = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask(cfg, flat_params) if cfg.weight_decay else None)
+    if cfg.name == "adafactor":
+        # optax.adafactor adds weight decay after the lr scale (not lr-coupled as transformers' is) and
+        # factors only dims >= 128: the same pieces, chained as transformers computes them
+        inner = optax.chain(
+            optax.scale_by_factored_rms(decay_rate=0.8, min_dim_size_to_factor=1, epsilon=1e-30),
+            optax.clip_by_block_rms(1.0),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask(cfg, flat_params)) if cfg.weight_decay
+            else optax.identity(),
+            optax.scale_by_learning_rate(sched))
+    else:
+        inner = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            mask=decay_mask(cfg, flat_params) if cfg.weight_decay else None)
     chain = []
     if cfg.grad_clip is not None and cfg.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
     chain.append(inner)
     if cfg.lr_multipliers:
-        # AdamW's update (decoupled weight decay included) is linear in the learning rate, so scaling the
-        # final update of a param by s is AdamW at lr * s. One optimizer state for all params (unlike
+        # AdamW's (and Adafactor's) update, weight decay included, is linear in the learning rate, so
+        # scaling the final update of a param by s is the optimizer at lr * s. One optimizer state for all params (unlike
         # optax.multi_transform, whose masked per-group states cannot carry shardings).
         pats = [(re.compile(p), float(s)) for p, s in cfg.lr_multipliers]
         chain.append(_scale_updates({k: next((s for r, s in pats if r.search(k)), 1.0) for k in flat_params}))
