@@ -57,7 +57,8 @@ def smoke(tmp_path_factory):
 def test_smoke_report_schema_and_files(smoke):
     out = smoke["out1"]
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"eval_loss", "expert_load", "alpha", "steps", "domains"}
+    assert set(report) == {"eval_loss", "expert_load", "experts", "alpha", "steps", "domains"}
+    assert all(len(v) == 1 and v[0] > 0 for v in report["experts"].values())
     assert set(report["eval_loss"]) == MODELS
     for m in MODELS:
         assert set(report["eval_loss"][m]) == set(DOMAINS) | {"mean"}

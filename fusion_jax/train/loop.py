@@ -52,7 +52,7 @@ from fusion_jax.errors import ConfigError, TrainingError
 from fusion_jax.train import distributed
 from fusion_jax.train.checkpointing import Checkpointer
 from fusion_jax.train.metrics import MetricsLogger
-from fusion_jax.train.optimizer import OptimizerConfig, build_optimizer
+from fusion_jax.train.optimizer import OptimizerConfig, build_optimizer, stack_dims
 from fusion_jax.train.progress import Progress
 from fusion_jax.train.state import ParamSplit, TrainState, TrainableSpec, count_elements
 from fusion_jax.train.step import LossFn, make_train_step
@@ -161,7 +161,8 @@ class Trainer:
             return {k: NamedSharding(self.mesh, shd.logical_to_spec(axes_flat[k], np.shape(v), self.mesh, rules))
                     for k, v in flat.items()}
 
-        self.tx, self.schedule = build_optimizer(self.opt_config, flat_t, config.total_steps)
+        self.tx, self.schedule = build_optimizer(self.opt_config, flat_t, config.total_steps,
+                                                 stacked=stack_dims(axes_flat, flat_t))
         p_sh, f_sh = sh_for(flat_t), sh_for(flat_f)
         abstract_params = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype if not hasattr(v, "dtype")
                                                    else v.dtype) for k, v in flat_t.items()}

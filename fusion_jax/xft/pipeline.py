@@ -202,10 +202,30 @@ def evaluate(t: Trained, dense_params, dense_sft_params, eval_sets, c, mesh, pad
     packed = _packed(eval_sets, int(c.data.seq_len), pad_id)
     load = {d: xtrain.expert_load(t.moe_config, moe_placed, packed[d], bs, mesh).tolist() for d in eval_sets}
     coef = np.asarray(merge_coefficients(t.moe_config, t.alpha, lam))
-    return {"eval_loss": losses, "expert_load": load,
+    return {"eval_loss": losses, "expert_load": load, "experts": expert_divergence(t.moe_params, dense_params),
             "alpha": {"softmax": np.asarray(jax.nn.softmax(t.alpha, axis=-1)).tolist(),
                       "coefficients": coef.tolist(),
                       "max_abs_change": float(np.abs(t.alpha - 1.0).max())}}
+
+
+def expert_divergence(moe_params, dense_params) -> dict:
+    """Per layer, how far MoE SFT moved the experts from the dense FFN they were copied from and apart from
+    each other (Frobenius norms relative to the dense weights', averaged over gate, up and down):
+    ``shared_drift`` = |W_0 - W|, ``routed_drift`` = |mean_i W_i - W|, ``routed_spread`` = the RMS over i of
+    |W_i - mean_i W_i|. Experts that specialise spread apart; a spread far below the drift means the routed
+    experts learned one common update (and merging them back loses little)."""
+    rows = {"shared_drift": [], "routed_drift": [], "routed_spread": []}
+    for k in ("gate_proj", "up_proj", "down_proj"):
+        W = np.asarray(moe_params["layers"]["mlp"]["experts"][k]["kernel"], np.float64)       # [L, E, ...]
+        W0 = np.asarray(dense_params["layers"]["mlp"][k]["kernel"], np.float64)               # [L, ...]
+        axes = tuple(range(1, W0.ndim))
+        norm = np.sqrt((W0 ** 2).sum(axes))
+        mean = W[:, 1:].mean(1)
+        rows["shared_drift"].append(np.sqrt(((W[:, 0] - W0) ** 2).sum(axes)) / norm)
+        rows["routed_drift"].append(np.sqrt(((mean - W0) ** 2).sum(axes)) / norm)
+        rows["routed_spread"].append(np.sqrt(((W[:, 1:] - mean[:, None]) ** 2).sum(tuple(range(2, W.ndim))).mean(1))
+                                     / norm)
+    return {k: np.mean(v, axis=0).tolist() for k, v in rows.items()}
 
 
 # -- the job -------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
     {"eval_loss": {model: {domain: loss, ..., "mean": loss}},     # base, dense_sft, moe, xft, xft_fixed
      "expert_load": {domain: [[share] * (E-1)] * L},              # routed assignments per expert (rows sum to 1)
+     "experts": {"shared_drift", "routed_drift", "routed_spread": [per layer]},   # pipeline.expert_divergence
      "alpha": {"softmax": [[...]] * L, "coefficients": [[lambda, ...]] * L, "max_abs_change": float},
      "steps": {"moe_sft": n, "merge": m, "dense_sft": n + m}, "domains": [...]}
 """
@@ -54,6 +55,12 @@ def _findings(report: dict) -> list[str]:
                      f"{m['dense_sft']:.4f} (mean held-out loss, difference {d:+.4f}).")
         lines.append(f"- Where it comes from: the MoE itself {m['moe']:.4f} ({m['moe'] - m['dense_sft']:+.4f} vs dense "
                      f"SFT); merging it back costs {m['xft'] - m['moe']:+.4f}.")
+    e = report.get("experts")
+    if e:
+        lines.append(f"- MoE SFT moved the shared expert by {np.mean(e['shared_drift']):.4f} and the routed experts' "
+                     f"mean by {np.mean(e['routed_drift']):.4f} from the dense weights; the routed experts differ "
+                     f"from their mean by {np.mean(e['routed_spread']):.4f} (relative Frobenius norms, mean over "
+                     "layers).")
     lines.append(f"- Learned merge {m['xft']:.4f} vs fixed 0.75 W_0 + 0.25 mean(W_i) {m['xft_fixed']:.4f} "
                  f"(difference {m['xft'] - m['xft_fixed']:+.5f}); alpha moved by at most {a['max_abs_change']:.4f} "
                  f"from its init (softmax(alpha) in [{np.min(a['softmax']):.4f}, {np.max(a['softmax']):.4f}], "
