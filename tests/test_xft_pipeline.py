@@ -1,14 +1,12 @@
 """XFT end to end: the smoke preset (demo zoo -> upcycle -> MoE SFT -> alpha training -> export -> dense
-baseline -> eval -> report) on one device and on 8 simulated devices (experts split over the mesh's
-``expert`` axis) gives the same report; the exported dense model gives in transformers the logits it gives
+baseline -> eval -> report) on one device (run by colab/xft_tpu.ipynb: see xft_fixtures) and on 8 simulated
+devices (experts split over the mesh's ``expert`` axis, ``python train.py``) gives the same report; the exported dense model gives in transformers the logits it gives
 here, and the held-out loss the report states for it; during alpha training only alpha changes; bad
 config options are errors naming the option, exit 2, nothing written."""
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import jax
@@ -18,40 +16,20 @@ import pytest
 
 from fusion_jax.train.cli import main as train_main
 from fusion_jax.xft.config import get_config
-from xft_fixtures import ensure_smoke_zoo, fast_env
+from xft_fixtures import MESH8, smoke_runs
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = {"base", "dense_sft", "moe", "xft", "xft_fixed"}
 DOMAINS = ["text", "code", "math"]
-MESH8 = {"expert": 4, "fsdp": 2}
-
-
-def _smoke_cmd(zoo, out, *extra):
-    return [sys.executable, "train.py", "--config=configs/xft.py:smoke", f"--config.zoo.cache_dir={zoo}",
-            f"--config.output_dir={out}", "--config.trainer.progress=False", *extra]
 
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """``python train.py --config=configs/xft.py:smoke`` on one device and on 8 simulated devices, side by
-    side (subprocesses; the zoo is built first)."""
-    zoo, root = ensure_smoke_zoo(tmp_path_factory), tmp_path_factory.mktemp("xft_smoke")
-    procs = [subprocess.Popen(_smoke_cmd(zoo, root / "runs1"), cwd=REPO, env=fast_env(1), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True),
-             subprocess.Popen(_smoke_cmd(zoo, root / "runs8", *[f"--config.mesh.{k}={v}" for k, v in MESH8.items()]),
-                              cwd=REPO, env=fast_env(8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, log in zip(procs, logs):
-        assert p.returncode == 0, log[-3000:]
+    """The smoke preset on one device (run by the notebook) and on 8 simulated devices (xft_fixtures)."""
+    runs = smoke_runs(tmp_path_factory)
     c = get_config("smoke")
-    c.zoo.cache_dir = str(zoo)
-    return {"log": logs[0], "out1": root / "runs1" / "xft_smoke", "out8": root / "runs8" / "xft_smoke", "zoo": zoo,
-            "config": c}
+    c.zoo.cache_dir = str(runs["zoo"])
+    return dict(runs, config=c)
 
 
 def test_smoke_report_schema_and_files(smoke):
@@ -79,7 +57,7 @@ def test_smoke_report_schema_and_files(smoke):
     # the training stages logged the balance loss apart from the CE, and the held-out curve
     rows = [json.loads(x) for x in (out / "work" / "moe_sft" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert any("balance_loss" in r and "ce" in r for r in rows) and any("eval/text" in r for r in rows)
-    assert "checks: xft_beats_dense_sft=" in smoke["log"]
+    assert "checks: xft_beats_dense_sft=" in smoke["log8"]
 
 
 def test_exported_dense_model_matches_transformers_and_the_report(smoke):
