@@ -35,7 +35,8 @@ def smoke(tmp_path_factory):
 def test_smoke_report_schema_and_files(smoke):
     out = smoke["out1"]
     report = json.loads((out / "report.json").read_text())
-    assert set(report) == {"eval_loss", "expert_load", "experts", "alpha", "steps", "domains"}
+    assert set(report) == {"eval_loss", "expert_load", "experts", "router", "alpha", "steps", "domains"}
+    assert 0 < report["router"]["agreement_last"] <= 1 and report["router"]["agreement_random"] == 5 / 7
     assert all(len(v) == 1 and v[0] > 0 for v in report["experts"].values())
     assert set(report["eval_loss"]) == MODELS
     for m in MODELS:
@@ -56,7 +57,8 @@ def test_smoke_report_schema_and_files(smoke):
     assert json.loads((out / "merged" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
     # the training stages logged the balance loss apart from the CE, and the held-out curve
     rows = [json.loads(x) for x in (out / "work" / "moe_sft" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    assert any("balance_loss" in r and "ce" in r for r in rows) and any("eval/text" in r for r in rows)
+    assert any("balance_loss" in r and "ce" in r and "router_agreement" in r for r in rows)
+    assert any("eval/text" in r for r in rows)
     assert "checks: xft_beats_dense_sft=" in smoke["log8"]
 
 

@@ -208,6 +208,16 @@ def evaluate(t: Trained, dense_params, dense_sft_params, eval_sets, c, mesh, pad
                       "max_abs_change": float(np.abs(t.alpha - 1.0).max())}}
 
 
+def router_summary(t: Trained) -> dict:
+    """The MoE SFT's ``router_agreement`` at its first and last logged steps, and its value when the
+    noise alone chooses (k of the n routed experts at random)."""
+    rows = [r for r in t.curves.get("moe_sft") or [] if "router_agreement" in r]
+    c = t.moe_config
+    return {"agreement_first": rows[0]["router_agreement"] if rows else None,
+            "agreement_last": rows[-1]["router_agreement"] if rows else None,
+            "agreement_random": c.num_experts_per_tok / c.num_routed_experts}
+
+
 def expert_divergence(moe_params, dense_params) -> dict:
     """Per layer, how far MoE SFT moved the experts from the dense FFN they were copied from and apart from
     each other (Frobenius norms relative to the dense weights', averaged over gate, up and down):
@@ -299,7 +309,7 @@ def run(config) -> dict:
     curves = dict(t.curves, dense_sft=rows_dense)
     steps = {"moe_sft": int(c.sft.steps), "merge": int(c.merge.steps),
              "dense_sft": int(c.sft.steps) + int(c.merge.steps) if bool(c.baseline.enabled) else 0}
-    report = dict(results, steps=steps, domains=domains)
+    report = dict(results, steps=steps, domains=domains, router=router_summary(t))
     checks = xreport.checks(report)
     timings = dict(run_dir.timings, total_s=run_dir.total_seconds())
     if is_main():

@@ -6,6 +6,7 @@
     {"eval_loss": {model: {domain: loss, ..., "mean": loss}},     # base, dense_sft, moe, xft, xft_fixed
      "expert_load": {domain: [[share] * (E-1)] * L},              # routed assignments per expert (rows sum to 1)
      "experts": {"shared_drift", "routed_drift", "routed_spread": [per layer]},   # pipeline.expert_divergence
+     "router": {"agreement_first", "agreement_last", "agreement_random"},          # pipeline.router_summary
      "alpha": {"softmax": [[...]] * L, "coefficients": [[lambda, ...]] * L, "max_abs_change": float},
      "steps": {"moe_sft": n, "merge": m, "dense_sft": n + m}, "domains": [...]}
 """
@@ -53,6 +54,9 @@ def _findings(report: dict) -> list[str]:
         verdict = "holds" if d < 0 else "does NOT hold"
         lines.append(f"- The paper's claim {verdict} here: XFT's dense model {m['xft']:.4f} vs dense SFT "
                      f"{m['dense_sft']:.4f} (mean held-out loss, difference {d:+.4f}).")
+        st = report["steps"]
+        lines.append(f"- Full-weight steps: dense SFT {st['dense_sft']}, XFT {st['moe_sft']} (its merge stage's "
+                     f"{st['merge']} steps train only alpha, {np.size(a['softmax'])} numbers).")
         lines.append(f"- Where it comes from: the MoE itself {m['moe']:.4f} ({m['moe'] - m['dense_sft']:+.4f} vs dense "
                      f"SFT); merging it back costs {m['xft'] - m['moe']:+.4f}.")
     e = report.get("experts")
@@ -61,6 +65,14 @@ def _findings(report: dict) -> list[str]:
                      f"mean by {np.mean(e['routed_drift']):.4f} from the dense weights; the routed experts differ "
                      f"from their mean by {np.mean(e['routed_spread']):.4f} (relative Frobenius norms, mean over "
                      "layers).")
+    r = report.get("router") or {}
+    if r.get("agreement_last") is not None:
+        drowned = r["agreement_last"] < r["agreement_random"] + 0.05
+        lines.append(f"- Routing in training: the experts chosen under the gating noise were also the clean "
+                     f"logits' choice for {r['agreement_last']:.3f} of them at the end of MoE SFT "
+                     f"({r['agreement_first']:.3f} at the start; {r['agreement_random']:.3f} = chance): "
+                     + ("the noise, not the learned router, chose the experts, so they could not specialise."
+                        if drowned else "the learned router's preference showed through the noise."))
     lines.append(f"- Learned merge {m['xft']:.4f} vs fixed 0.75 W_0 + 0.25 mean(W_i) {m['xft_fixed']:.4f} "
                  f"(difference {m['xft'] - m['xft_fixed']:+.5f}); alpha moved by at most {a['max_abs_change']:.4f} "
                  f"from its init (softmax(alpha) in [{np.min(a['softmax']):.4f}, {np.max(a['softmax']):.4f}], "
@@ -113,6 +125,10 @@ def write_all(out_dir: Path, report: dict, chk: dict, timings: dict, curves: dic
         "train CE (response tokens)": {"dense SFT": rep.curve(dense, "ce"), "MoE SFT": rep.curve(sft, "ce"),
                                        "merge (alpha only)": _offset(merge, "ce", n_sft)},
         "MoE SFT balance loss (sum over layers)": {"balance loss": rep.curve(sft, "balance_loss")},
+        "MoE SFT routing: noisy top-k also in the clean top-k": {
+            "router agreement (mean over layers)": rep.curve(sft, "router_agreement"),
+            "chance (k / n)": [(s, (report.get("router") or {}).get("agreement_random", 0.0))
+                               for s, _ in rep.curve(sft, "router_agreement")]},
         "held-out loss (monitor subset, mean over domains)": {
             "dense SFT": _heldout_mean(dense, domains), "MoE SFT": _heldout_mean(sft, domains),
             "merged (alpha training)": _heldout_mean(merge, domains, n_sft)},

@@ -3,7 +3,9 @@
 * MoE SFT (``moe_sft_loss``): response-token cross-entropy plus the routers' balance loss summed over layers
   (``ModelOutput.aux.balance_loss``; the reference adds it to the CE as is), both logged apart (``ce``,
   ``balance_loss``); the step's PRNG key drives the noisy gating, so every step draws fresh noise, while
-  evaluation (no key) routes on the clean logits.
+  evaluation (no key) routes on the clean logits. ``router_agreement`` (logged): the share of the experts
+  chosen under noise that the clean logits choose too, mean over layers: k/n means the noise, not the
+  router, does the choosing.
 * merge-back training (``merge_loss``): each layer's FFN is ``merge_back(moe, alpha)`` recomputed inside
   the loss (as ``LlamaWeightedMLP`` does every forward); only ``alpha`` is trainable
   (:data:`ALPHA_TRAINABLE`), every other param is frozen: no gradient, no optimizer state, bit-identical.
@@ -67,7 +69,7 @@ def moe_sft_loss(graphdef) -> Callable:
         ce, aux = next_token_ce(out.logits, batch["input_ids"], batch["loss_mask"])
         balance = out.aux.balance_loss
         return ce + balance, {"num_tokens": aux["num_tokens"], "accuracy": aux["accuracy"], "ce": ce,
-                              "balance_loss": balance}
+                              "balance_loss": balance, "router_agreement": out.aux.noise_agreement.mean()}
     return loss_fn
 
 
