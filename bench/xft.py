@@ -102,7 +102,12 @@ def demo_rows(run_dir: Path) -> list[str]:
             lines.append(f"| {label} | {t[f'{k}_s']:.1f} |")
     ev = rep["eval_loss"]
     lines += ["", "Held-out loss (mean over text, code, math): " + ", ".join(f"{m} {v['mean']:.4f}" for m, v in ev.items())
-              + "."]
+              + ". The report's findings:", ""]
+    md = (run_dir / "report.md").read_text().splitlines()
+    i = md.index("Findings:") + 2
+    while i < len(md) and md[i].startswith("- "):
+        lines.append(md[i])
+        i += 1
     return lines
 
 

@@ -37,7 +37,7 @@ def test_notebook_runs_smoke_on_cpu(tmp_path_factory):
     assert "CPU fallback" in text and "preset 'smoke'" in text
     assert text.count("merged model:") == 3 and ("PASS" in text or "FAIL" in text)
     images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 4
+    assert len(images) == 5
     assert any(runs["zoo"].iterdir())
     assert not any((runs["root"] / "nb_work").iterdir())   # nothing written into the kernel's working dir
     print(f"notebook executed in {runs['nb_seconds']:.1f} s", file=sys.stderr)

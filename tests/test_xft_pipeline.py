@@ -51,7 +51,7 @@ def test_smoke_report_schema_and_files(smoke):
     assert soft.shape == (1, 7) and np.allclose(soft.sum(1), 1)
     np.testing.assert_allclose(coef, np.concatenate([[[0.75]], 0.25 * soft], 1), rtol=1e-6)
     np.testing.assert_allclose(soft, jax.nn.softmax(np.load(out / "alpha.npy"), -1), rtol=1e-6)
-    for f in ("report.md", "run.json", "loss_curves.png", "expert_load.png", "alpha.png", "eval_loss.png",
+    for f in ("report.md", "run.json", "loss_curves.png", "expert_load.png", "router.png", "alpha.png", "eval_loss.png",
               "merged/config.json", "merged/model.safetensors", "merged/tokenizer.json"):
         assert (out / f).is_file(), f
     assert json.loads((out / "merged" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

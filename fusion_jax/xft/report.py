@@ -101,7 +101,8 @@ def _markdown(report: dict, chk: dict, timings: dict, name: str, seed: int) -> s
     lines += ["", "Checks:", ""] + rep.check_lines(chk)
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "![held-out loss](eval_loss.png)", "", "![loss curves](loss_curves.png)", "",
-              "![router load](expert_load.png)", "", "![alpha](alpha.png)", ""]
+              "![router load](expert_load.png)", "", "![routing under noise](router.png)", "", "![alpha](alpha.png)",
+              ""]
     return "\n".join(lines)
 
 
@@ -125,14 +126,17 @@ def write_all(out_dir: Path, report: dict, chk: dict, timings: dict, curves: dic
         "train CE (response tokens)": {"dense SFT": rep.curve(dense, "ce"), "MoE SFT": rep.curve(sft, "ce"),
                                        "merge (alpha only)": _offset(merge, "ce", n_sft)},
         "MoE SFT balance loss (sum over layers)": {"balance loss": rep.curve(sft, "balance_loss")},
-        "MoE SFT routing: noisy top-k also in the clean top-k": {
-            "router agreement (mean over layers)": rep.curve(sft, "router_agreement"),
-            "chance (k / n)": [(s, (report.get("router") or {}).get("agreement_random", 0.0))
-                               for s, _ in rep.curve(sft, "router_agreement")]},
         "held-out loss (monitor subset, mean over domains)": {
             "dense SFT": _heldout_mean(dense, domains), "MoE SFT": _heldout_mean(sft, domains),
             "merged (alpha training)": _heldout_mean(merge, domains, n_sft)},
     }, ylabel="loss (nats per target token)")
+    agree = rep.curve(sft, "router_agreement")
+    chance = (report.get("router") or {}).get("agreement_random", 0.0)
+    rep.plot_curves(out_dir / "router.png", {
+        "MoE SFT: experts chosen under the gating noise that the clean router chooses too": {
+            "agreement (mean over layers)": agree, "chance: the noise alone chooses (k / n)": [(x, chance) for x, _ in agree],
+            "the router alone chooses": [(x, 1.0) for x, _ in agree]}},
+        ylabel="share of the chosen experts", width=7.5)
     load = report["expert_load"]
     n = len(next(iter(load.values()))[0])
     rep.plot_heatmaps(out_dir / "expert_load.png", {f"{d}": m for d, m in load.items()},
