@@ -107,7 +107,7 @@ def _monitor(config, sets, c, mesh, merge_of=None) -> Callable | None:
     """The Trainer's ``eval_fn`` of a stage: held-out loss of the ``config`` model on a fixed subset of
     every domain; ``merge_of``: the MoE config whose ``{"alpha", "moe"}`` params are merged first."""
     n = int(c.eval.monitor_examples)
-    if n <= 0 or int(_get(c.trainer, "eval_every", 0)) <= 0 or sets is None:
+    if n <= 0 or int(c.trainer.eval_every) <= 0 or sets is None:
         return None
     sub = {d: {k: v[:n] for k, v in a.items()} for d, a in sets.items()}
     ev, bs = xtrain.lm_evaluator(config), int(c.eval.batch_size)
@@ -119,6 +119,7 @@ def _monitor(config, sets, c, mesh, merge_of=None) -> Callable | None:
 
 
 def _get(group, name: str, default):
+    """``group[name]`` of a config group of unknown type (a ConfigDict, a mapping, an object) or ``default``."""
     try:
         return group[name]
     except (KeyError, AttributeError, TypeError):
@@ -171,13 +172,14 @@ def train_xft(dense_config, dense_params, train_sets, c, mesh, work: Path, *, mo
 
 def train_dense_baseline(dense_config, dense_params, train_sets, c, mesh, work: Path, *, monitor_sets=None):
     """The dense SFT baseline: the MoE SFT's optimizer over the batches of MoE SFT + merge together."""
+    from fusion_jax.train.losses import nnx_causal_lm_loss
     sft, mg = c.sft, c.merge
     steps = int(sft.steps) + int(mg.steps)
     log(f"dense SFT (baseline): {steps} steps x {int(sft.batch_per_domain)} examples per domain (= MoE SFT + "
         "merge steps, the same batches)")
     gd, axes = xtrain.graph(dense_config)
     return xtrain.train_stage(
-        "dense_sft", xtrain.dense_sft_loss(gd), dense_params, axes, train_sets, steps=steps,
+        "dense_sft", nnx_causal_lm_loss(gd), dense_params, axes, train_sets, steps=steps,
         batch_per_domain=int(sft.batch_per_domain),
         optimizer=xcfg.stage_optimizer(sft, warmup_extra=int(mg.warmup_steps)), workdir=work / "dense_sft",
         mesh=mesh, seed=int(c.seed) + 3, data_seed=int(c.seed), trainer_cfg=c.trainer,

@@ -123,8 +123,8 @@ def write_all(out_dir: Path, report: dict, chk: dict, timings: dict, curves: dic
     n_sft = int(report["steps"]["moe_sft"])
     sft, merge, dense = curves.get("moe_sft") or [], curves.get("merge") or [], curves.get("dense_sft") or []
     rep.plot_curves(out_dir / "loss_curves.png", {
-        "train CE (response tokens)": {"dense SFT": rep.curve(dense, "ce"), "MoE SFT": rep.curve(sft, "ce"),
-                                       "merge (alpha only)": _offset(merge, "ce", n_sft)},
+        "train CE (response tokens)": {"dense SFT": rep.curve(dense, "loss"), "MoE SFT": rep.curve(sft, "ce"),
+                                       "merge (alpha only)": _offset(merge, "loss", n_sft)},
         "MoE SFT balance loss (sum over layers)": {"balance loss": rep.curve(sft, "balance_loss")},
         "held-out loss (monitor subset, mean over domains)": {
             "dense SFT": _heldout_mean(dense, domains), "MoE SFT": _heldout_mean(sft, domains),

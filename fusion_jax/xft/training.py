@@ -9,7 +9,7 @@
 * merge-back training (``merge_loss``): each layer's FFN is ``merge_back(moe, alpha)`` recomputed inside
   the loss (as ``LlamaWeightedMLP`` does every forward); only ``alpha`` is trainable
   (:data:`ALPHA_TRAINABLE`), every other param is frozen: no gradient, no optimizer state, bit-identical.
-* the dense SFT baseline: the plain decoder's response-token CE.
+* the dense SFT baseline: the plain decoder's response-token CE (``train.losses.nnx_causal_lm_loss``).
 
 Every stage is one :class:`~fusion_jax.train.Trainer` run over a :class:`DomainBalancedSampler` (Orbax
 checkpoints in its work directory, automatic resume). ``start_step`` starts the sampler at a later batch:
@@ -85,17 +85,7 @@ def merge_loss(dense_graphdef, moe_config, shared_weight: float) -> Callable:
         del rng
         model = _merge_model(dense_graphdef, merged_params(moe_config, params, shared_weight))
         logits = model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce, aux = next_token_ce(logits, batch["input_ids"], batch["loss_mask"])
-        return ce, dict(aux, ce=ce)
-    return loss_fn
-
-
-def dense_sft_loss(graphdef) -> Callable:
-    def loss_fn(params, batch, rng):
-        del rng
-        logits = _merge_model(graphdef, params)(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce, aux = next_token_ce(logits, batch["input_ids"], batch["loss_mask"])
-        return ce, dict(aux, ce=ce)
+        return next_token_ce(logits, batch["input_ids"], batch["loss_mask"])
     return loss_fn
 
 
