@@ -101,8 +101,8 @@ def demo_rows(run_dir: Path) -> list[str]:
         if f"{k}_s" in t:
             lines.append(f"| {label} | {t[f'{k}_s']:.1f} |")
     ev = rep["eval_loss"]
-    lines += ["", "Held-out loss (mean over text, code, math): " + ", ".join(f"{m} {v['mean']:.4f}" for m, v in ev.items())
-              + ". The report's findings:", ""]
+    means = ", ".join(f"{m} {v['mean']:.4f}" for m, v in ev.items())
+    lines += ["", f"Held-out loss (mean over text, code, math): {means}. The report's findings:", ""]
     md = (run_dir / "report.md").read_text().splitlines()
     i = md.index("Findings:") + 2
     while i < len(md) and md[i].startswith("- "):
@@ -157,9 +157,9 @@ logits differ across experts by ~0.01 while the gating noise has sigma ~0.7; the
 agree with the clean router's choice at chance level (0.716 vs 5/7 = 0.714) from the first step to the last,
 so every expert sees a random share of the tokens, no expert specialises, and the router gets no signal to
 learn from. The MoE then trains like the dense model (held-out loss at equal steps within 0.01 of the dense
-model's through step 400 of the 4x run below, where the two lr schedules still nearly agree) and XFT is dense SFT with 4/5 of the full-weight steps (its merge stage trains 14
-numbers). A 4x longer run (1200 examples per domain, MoE SFT 600 + merge 150 vs dense 750 steps, same
-epochs; 744 s) gives the same picture: dense SFT 2.6064, MoE 2.6549, XFT 2.6552, fixed merge 2.6552, router
+model's through step 400 of the 4x run below, where the two lr schedules still nearly agree) and XFT is
+dense SFT with 4/5 of the full-weight steps (its merge stage trains 14 numbers). A 4x longer run (1200
+examples per domain, MoE SFT 600 + merge 150 vs dense 750 steps, same epochs; 744 s) gives the same picture: dense SFT 2.6064, MoE 2.6549, XFT 2.6552, fixed merge 2.6552, router
 agreement 0.716 throughout. Nothing here is tuned to change that: the demo keeps the reference's
 initialisation, noise, balance loss, optimizer, lr ratio and epoch split.
 

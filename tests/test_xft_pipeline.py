@@ -1,8 +1,9 @@
 """XFT end to end: the smoke preset (demo zoo -> upcycle -> MoE SFT -> alpha training -> export -> dense
 baseline -> eval -> report) on one device (run by colab/xft_tpu.ipynb: see xft_fixtures) and on 8 simulated
-devices (experts split over the mesh's ``expert`` axis, ``python train.py``) gives the same report; the exported dense model gives in transformers the logits it gives
-here, and the held-out loss the report states for it; during alpha training only alpha changes; bad
-config options are errors naming the option, exit 2, nothing written."""
+devices (experts split over the mesh's ``expert`` axis, ``python train.py``) gives the same report; the
+exported dense model gives in transformers the logits it gives here, and the held-out loss the report states
+for it; during alpha training only alpha changes; bad config options are errors naming the option, exit 2,
+nothing written."""
 from __future__ import annotations
 
 import json

@@ -151,7 +151,8 @@ def build_optimizer(cfg: OptimizerConfig, flat_params: Mapping[str, Any], total_
     chain.append(inner)
     if cfg.lr_multipliers:
         # AdamW's (and Adafactor's) update, weight decay included, is linear in the learning rate, so
-        # scaling the final update of a param by s is the optimizer at lr * s. One optimizer state for all params (unlike
+        # scaling the final update of a param by s is the optimizer at lr * s. One optimizer state for all params
+        # (unlike
         # optax.multi_transform, whose masked per-group states cannot carry shardings).
         pats = [(re.compile(p), float(s)) for p, s in cfg.lr_multipliers]
         chain.append(_scale_updates({k: next((s for r, s in pats if r.search(k)), 1.0) for k in flat_params}))

@@ -141,7 +141,8 @@ def train_xft(dense_config, dense_params, train_sets, c, mesh, work: Path, *, mo
     if stage is not None:   # a record of what was upcycled (the upcycle itself is recomputed: it is pure)
         stage("upcycle", lambda: {"architecture": moe_config.architecture, "experts": moe_config.num_experts,
                                   "top_k": moe_config.num_experts_per_tok, "router": moe_config.router,
-                                  "params": moe_config.num_params(), "active_params": moe_config.num_params(active=True),
+                                  "params": moe_config.num_params(),
+                                  "active_params": moe_config.num_params(active=True),
                                   "dense_params": dense_config.num_params()})
     gd_moe, axes_moe = xtrain.graph(moe_config)
     gd_dense, _ = xtrain.graph(dense_config)
@@ -191,7 +192,10 @@ def evaluate(t: Trained, dense_params, dense_sft_params, eval_sets, c, mesh, pad
     from fusion_jax.xft.merge import init_alpha, merge_coefficients
     bs, lam = int(c.eval.batch_size), float(c.merge.shared_weight)
     ev_dense, ev_moe = xtrain.lm_evaluator(t.dense_config), xtrain.lm_evaluator(t.moe_config)
-    dense = lambda p: xtrain.heldout_losses(ev_dense, xtrain.place(p, t.dense_config, mesh), eval_sets, bs, mesh)  # noqa: E731
+
+    def dense(p):
+        return xtrain.heldout_losses(ev_dense, xtrain.place(p, t.dense_config, mesh), eval_sets, bs, mesh)
+
     losses = {"base": dense(dense_params)}
     if dense_sft_params is not None:
         losses["dense_sft"] = dense(dense_sft_params)

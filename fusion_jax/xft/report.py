@@ -96,8 +96,8 @@ def _markdown(report: dict, chk: dict, timings: dict, name: str, seed: int) -> s
     lines += ["", "Learned merge coefficients softmax(alpha) per layer (expert 0, the shared one, has the fixed "
               "weight lambda):", ""]
     soft = report["alpha"]["softmax"]
-    lines += rep.markdown_table({f"layer {i}": {f"e{j + 1}": w for j, w in enumerate(row)} for i, row in enumerate(soft)},
-                                [f"e{j + 1}" for j in range(len(soft[0]))], first="layer", fmt="{:.4f}")
+    rows = {f"layer {i}": {f"e{j + 1}": w for j, w in enumerate(row)} for i, row in enumerate(soft)}
+    lines += rep.markdown_table(rows, [f"e{j + 1}" for j in range(len(soft[0]))], first="layer", fmt="{:.4f}")
     lines += ["", "Checks:", ""] + rep.check_lines(chk)
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), "",
               "![held-out loss](eval_loss.png)", "", "![loss curves](loss_curves.png)", "",
@@ -134,7 +134,8 @@ def write_all(out_dir: Path, report: dict, chk: dict, timings: dict, curves: dic
     chance = (report.get("router") or {}).get("agreement_random", 0.0)
     rep.plot_curves(out_dir / "router.png", {
         "MoE SFT: experts chosen under the gating noise that the clean router chooses too": {
-            "agreement (mean over layers)": agree, "chance: the noise alone chooses (k / n)": [(x, chance) for x, _ in agree],
+            "agreement (mean over layers)": agree,
+            "chance: the noise alone chooses (k / n)": [(x, chance) for x, _ in agree],
             "the router alone chooses": [(x, 1.0) for x, _ in agree]}},
         ylabel="share of the chosen experts", width=7.5)
     load = report["expert_load"]
@@ -144,7 +145,8 @@ def write_all(out_dir: Path, report: dict, chk: dict, timings: dict, curves: dic
                       xticks=[str(j + 1) for j in range(n)], cbar="share of routed assignments", vmin=0.0)
     soft = report["alpha"]["softmax"]
     rep.plot_grouped_bars(out_dir / "alpha.png",
-                          {f"layer {i}": {f"expert {j + 1}": w for j, w in enumerate(row)} for i, row in enumerate(soft)},
+                          {f"layer {i}": {f"expert {j + 1}": w for j, w in enumerate(row)}
+                           for i, row in enumerate(soft)},
                           title="learned merge weights softmax(alpha) (dotted: uniform, the fixed merge)",
                           xlabel="layer", ylabel="softmax(alpha)", legend_title="expert", reference=1.0 / len(soft[0]))
     # the models differ by a few hundredths of a nat: bars of the change from the base show it, whole losses

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fusion_jax import sharding as shd
