@@ -22,12 +22,13 @@ import argparse
 import os
 import platform
 import random
-import re
 import statistics
 import sys
 import time
 from collections import Counter
 from pathlib import Path
+
+from _report import write_section  # noqa: E402  (bench/ is this script's directory)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -225,17 +226,6 @@ def render(align_rows, diff_rows, mined, argv) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or append) this benchmark's section, leaving every other section as it is."""
-    old = path.read_text() if path.exists() else ""
-    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(old):
-        new = pat.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
-    path.write_text(new)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--windows", type=int, default=3, help="2048-token windows per tokenizer pair")
@@ -265,7 +255,7 @@ def main() -> int:
     print()
     print(text)
     if a.write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote '{SECTION}' into BENCHMARKS.md")
     return 0
 

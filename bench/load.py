@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 SECTION = "## Checkpoint loading"
@@ -148,21 +150,6 @@ def _section(r: dict) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or append) only this benchmark's section of BENCHMARKS.md, atomically."""
-    sys.path.insert(0, str(ROOT))
-    from fusion_jax.utils.atomic import atomic_file
-    old = path.read_text() if path.exists() else ""
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text
-    else:
-        nxt = old.find("\n## ", start + len(SECTION))
-        new = old[:start] + text + ("\n" + old[nxt + 1:] if nxt >= 0 else "")
-    with atomic_file(path) as f:
-        f.write(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=28)
@@ -211,7 +198,7 @@ def main() -> None:
         print(text)
         print(json.dumps(res, indent=1), file=sys.stderr)
         if not a.no_write_md:
-            write_section(text)
+            write_section(SECTION, text)
     finally:
         if tmp is not None:
             tmp.cleanup()

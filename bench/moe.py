@@ -34,12 +34,13 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import write_section  # noqa: E402  (bench/ is this script's directory)
 
 import numpy as np
 
@@ -444,17 +445,6 @@ no capacity limit holds [N, E, N] dispatch and combine tensors, quadratic in the
 temporaries at 16k tokens); the sorted dispatch grows linearly (0.8 GB), below the dense layer's."""
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or append) this benchmark's section, leaving every other section as it is."""
-    old = path.read_text() if path.exists() else ""
-    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(old):
-        new = pat.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
-    path.write_text(new)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=192)
@@ -494,7 +484,7 @@ def main():
     text = table(a, results, mem, errs)
     print(text)
     if a.write:
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote '{SECTION}' into BENCHMARKS.md")
 
 

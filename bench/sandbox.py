@@ -15,13 +15,14 @@ import concurrent.futures as cf
 import datetime
 import os
 import platform
-import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _report import write_section  # noqa: E402  (bench/ is this script's directory)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -64,16 +65,6 @@ def _machine() -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at start)"
-
-
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or append) only this benchmark's section of BENCHMARKS.md, atomically."""
-    from fusion_jax.utils.atomic import atomic_file
-    old = path.read_text() if path.exists() else ""
-    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    new = pat.sub(lambda _: text, old) if pat.search(old) else old.rstrip("\n") + "\n\n" + text
-    with atomic_file(path) as f:
-        f.write(new)
 
 
 def main() -> None:
@@ -133,7 +124,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not a.no_write_md:
-        write_section(text)
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":

@@ -36,13 +36,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _report import write_section  # noqa: E402  (bench/ is this script's directory)
 
 import numpy as np
 
@@ -384,17 +385,6 @@ def table(a, iso: dict, paired: dict, checks: dict) -> list[str]:
     return lines
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or append) this benchmark's section, leaving every other section as it is."""
-    old = path.read_text() if path.exists() else ""
-    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(old):
-        new = pat.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
-    path.write_text(new)
-
-
 NOTES = """\
 How to read it. On a shared 2-core machine the 'all' rows depend on how busy the machine is: PyTorch's
 OpenMP pool slows down far more than proportionally when the cores are oversubscribed (a descheduled
@@ -554,7 +544,7 @@ def main():
                                              for s in stages),
             "",
         ])
-        write_section(text)
+        write_section(SECTION, text)
         print(f"wrote '{SECTION}' into BENCHMARKS.md")
 
 

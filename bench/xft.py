@@ -160,8 +160,9 @@ learn from. The MoE then trains like the dense model (held-out loss at equal ste
 model's through step 400 of the 4x run below, where the two lr schedules still nearly agree) and XFT is
 dense SFT with 4/5 of the full-weight steps (its merge stage trains 14 numbers). A 4x longer run (1200
 examples per domain, MoE SFT 600 + merge 150 vs dense 750 steps, same epochs; 744 s) gives the same
-picture: dense SFT 2.6064, MoE 2.6549, XFT 2.6552, fixed merge 2.6552, router agreement 0.716 throughout. Nothing here is tuned to change that: the demo keeps the reference's
-initialisation, noise, balance loss, optimizer, lr ratio and epoch split.
+picture: dense SFT 2.6064, MoE 2.6549, XFT 2.6552, fixed merge 2.6552, router agreement 0.716 throughout.
+Nothing here is tuned to change that: the demo keeps the reference's initialisation, noise, balance loss,
+optimizer, lr ratio and epoch split.
 
 Cold (no zoo cache): add the demo zoo's build, 205 s on this machine (tokenizer 8 s, base pre-training 91 s,
 three specialists 105 s; zoo.json `timings_s`), shared with the UltraFuser demo (one family, one cache

@@ -25,11 +25,16 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("convert", "fusion_jax.hf.cli", "convert checkpoints between HF safetensors and Orbax"),
     ("merge", "fusion_jax.merging.cli", "merge models per a mergekit-style YAML config"),
     ("dare", "fusion_jax.merging.cli", "DARE one fine-tune onto its base (drop and rescale its delta)"),
+    ("teacher-pass", "fusion_jax.distill.cli",
+     "run the teachers of a FuseLLM/FuseChat config over its corpus into compact top-k stores"),
     ("upcycle", "fusion_jax.xft.cli", "upcycle a dense model into an MoE (XFT: E copies of each FFN, expert 0 shared)"),
     ("moe", "fusion_jax.xft.cli", "build an MoE from specialists per a mergekit-moe YAML"),
     ("merge-back", "fusion_jax.xft.cli", "merge an MoE's experts back into a dense model (XFT)"),
     ("train", "fusion_jax.train.cli",
      "train per an ml_collections config (--config=PATH[:PRESET], --config.a.b=VALUE overrides)"),
+    ("generate", "fusion_jax.eval.cli", "generate text from any fusion-jax model"),
+    ("eval", "fusion_jax.eval.cli", "evaluate any fusion-jax model (loss, math, code) into a report"),
+    ("arena", "fusion_jax.arena.cli", "every fusion method on the demo zoo, evaluated side by side"),
 )
 
 

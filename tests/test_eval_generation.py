@@ -1,6 +1,5 @@
 """The generation engine (fusion_jax.eval.generation) against references: transformers ``generate`` and
-the full-forward argmax path for greedy decoding, the old fused ``FusedModel.generate`` for the fused
-decoder, a float64 NumPy filtered softmax (chi-square) for sampling; stop strings, EOS, several samples,
+the full-forward argmax path for greedy decoding (plain and fused), a float64 NumPy filtered softmax (chi-square) for sampling; stop strings, EOS, several samples,
 chat templates and the number of compiles of a many-prompt run."""
 from __future__ import annotations
 
@@ -266,7 +265,7 @@ def test_compiles_for_many_mixed_prompts_default_ladder():
     assert _count_many_prompt_compiles(32) == (14, 14)
 
 
-def test_fused_decoder_equals_fused_model_generate_and_the_full_forward_path():
+def test_fused_decoder_equals_the_full_forward_path():
     from fusion_jax.ultrafuser.decoding import fused_decoder
     from fusion_jax.ultrafuser.gate import GateConfig, init_gate
     from fusion_jax.ultrafuser.model import FusedModel
@@ -291,8 +290,6 @@ def test_fused_decoder_equals_fused_model_generate_and_the_full_forward_path():
     dec, params = fused_decoder(fm)
     out = [o[0].tokens for o in g.generate(dec, params, views, g.GenerationConfig(max_new_tokens=N, batch_size=2,
                                                                                  chunk=4))]
-    # today's fused greedy decoder (FusedModel.generate; drop this line when it is removed)
-    assert out == [list(r) for r in np.asarray(fm.generate(*left_pad(views, 16), N))]
     # no cache at all: each token is the argmax of the full fused forward over every view + tokens so far
     step = jax.jit(lambda ids, mask: jnp.argmax(fm.logits(fm.params, fm.gate, ids, mask)[0][:, -1], axis=-1))
     seqs = [[list(v) for v in vs] for vs in views]

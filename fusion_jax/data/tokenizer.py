@@ -77,7 +77,9 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | os.PathLike, vocab_size
     ``PreTrainedTokenizerFast``.
 
     ``vocab_size`` includes the special tokens and the 256 byte symbols (BPE) or byte-fallback pieces
-    (unigram). BPE pairs seen fewer than ``min_frequency`` times are not merged.
+    (unigram; at most that many: a corpus too small for it gives fewer). BPE pairs seen fewer than
+    ``min_frequency`` times are not merged. Both kinds train deterministically: the same texts give the
+    same ``tokenizer.json``, byte for byte.
     """
     from tokenizers import Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
@@ -127,41 +129,45 @@ def _train_bpe(texts: list[str], vocab_size: int, min_frequency: int):
 def _train_unigram(texts: list[str], vocab_size: int, min_frequency: int):
     """SentencePiece-style: text is split at spaces, each space becoming a "▁" that starts the next piece
     (one is prepended to the first word too), a unigram model over the pieces, and the 256 ``<0xNN>``
-    byte pieces at the end of the vocabulary for byte fallback (the Llama-2 decoder chain turns them back
-    into bytes)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    byte pieces for byte fallback (the Llama-2 decoder chain turns them back into bytes).
+
+    The pieces and their scores come from SentencePiece's own trainer, single-threaded: the same texts
+    give the same vocabulary, byte for byte (the ``tokenizers`` unigram trainer sums in hash-map order,
+    so near-tied pieces swap ids from run to run). Identity normalization keeps every character as is."""
+    import io
+
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     del min_frequency  # unigram pruning is by likelihood, not pair counts
     specials = SPECIAL_TOKENS + [UNK]
-    probe = Tokenizer(models.Unigram())
-    probe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size - 256, special_tokens=specials, unk_token=UNK,
-                                      shrinking_factor=0.75, max_piece_length=16, n_sub_iterations=2,
-                                      show_progress=False)
+    model = io.BytesIO()
     try:
-        probe.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    except Exception as e:  # noqa: BLE001 - the trainer raises a bare Exception
-        chars = len(set("".join(texts)))
-        raise DataError(f"vocab_size={vocab_size}: a unigram tokenizer needs room for its {len(specials)} "
-                        f"special tokens, the 256 byte pieces and every character of the corpus ({chars}): "
-                        f"{e}") from None
-    vocab = [tuple(x) for x in probe.get_vocab_with_scores()] if hasattr(probe, "get_vocab_with_scores") \
-        else _unigram_vocab(probe)
-    have = {p for p, _ in vocab}
-    floor = min(score for p, score in vocab if p not in specials) - 10.0
-    vocab += [(f"<0x{b:02X}>", floor) for b in range(256) if f"<0x{b:02X}>" not in have]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=vocab.index(next(v for v in vocab if v[0] == UNK)),
-                                   byte_fallback=True))
-    tok.pre_tokenizer = probe.pre_tokenizer
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts), model_writer=model, model_type="unigram",
+            vocab_size=vocab_size - len(SPECIAL_TOKENS), byte_fallback=True, num_threads=1,
+            normalization_rule_name="identity", add_dummy_prefix=True, split_by_whitespace=True,
+            remove_extra_whitespaces=False, allow_whitespace_only_pieces=False, max_sentence_length=1 << 20,
+            shuffle_input_sentence=False, character_coverage=1.0, split_digits=False,
+            hard_vocab_limit=False,   # a small corpus gives fewer pieces rather than an error
+            unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1, minloglevel=2)
+    except RuntimeError as e:
+        raise DataError(f"vocab_size={vocab_size}: SentencePiece cannot train a unigram tokenizer of that size "
+                        f"on these texts: {e}") from None
+    proto = pb.ModelProto()
+    proto.ParseFromString(model.getvalue())
+    normal = [(p.piece, p.score) for p in proto.pieces if p.type == pb.ModelProto.SentencePiece.NORMAL]
+    # byte pieces only serve the fallback: scored far below any path of real pieces (even one through
+    # unknown characters, which cost min - 10 each), so that a text spelling "<0x41>" is not read as "A"
+    floor = min(score for _, score in normal) - 1000.0
+    vocab = [(t, 0.0) for t in specials] + normal + [(f"<0x{b:02X}>", floor) for b in range(256)]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=specials.index(UNK), byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tok.add_special_tokens(specials)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     return tok
-
-
-def _unigram_vocab(tok) -> list[tuple[str, float]]:
-    """(piece, log-prob) pairs of a trained unigram model, read from its JSON (older ``tokenizers``)."""
-    return [tuple(x) for x in json.loads(tok.to_str())["model"]["vocab"]]
 
 
 def train_tokenizer_from_corpus(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -176,13 +182,21 @@ def train_tokenizer_from_corpus(corpus_dir: str | os.PathLike, out_dir: str | os
 
 def load_tokenizer(path: str | os.PathLike):
     """``AutoTokenizer.from_pretrained(path)`` with a :class:`DataError` naming the path on failure."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     p = Path(path)
     if p.exists() and not (p / "tokenizer.json").exists() and not (p / "tokenizer_config.json").exists():
         raise DataError(f"{p}: not a tokenizer directory (no tokenizer.json / tokenizer_config.json)")
     try:
-        tok = AutoTokenizer.from_pretrained(str(path))
+        # A tokenizer saved as a plain PreTrainedTokenizerFast (the zoo's) next to a config.json: transformers
+        # 5 would pick the class of the config's model_type (Qwen2Tokenizer for a Qwen2 checkpoint), whose
+        # constructor replaces the saved pre-tokenizer with its own, so load the class the files name.
+        cls = AutoTokenizer
+        cfg = p / "tokenizer_config.json"
+        if cfg.is_file() and json.loads(cfg.read_text(encoding="utf-8")).get("tokenizer_class") == \
+                "PreTrainedTokenizerFast":
+            cls = PreTrainedTokenizerFast
+        tok = cls.from_pretrained(str(path))
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot load a tokenizer: {e}") from e
     if tok.pad_token_id is None:  # many base-model tokenizers have none; padding needs one

@@ -8,10 +8,13 @@ hashable decoder object (a static argument of ``jax.jit``) and its params pytree
     decoder.views: int                                    # 1: ids [B, P]; K > 1: ids [B, K, P]
     decoder.prefill(params, ids, mask, max_len) -> (logits [B, V] float32, cache)
     decoder.step(params, tokens [B] int32, cache) -> (logits [B, V] float32, cache)
+    decoder.score(params, ids, mask, labels [B, P], chunk) -> (log p(labels) [B, P], labels == argmax [B, P])
 
 ``ids``/``mask`` are LEFT-padded (the last column is every row's last prompt token); ``prefill`` returns
 the logits that predict the first new token and a cache with ``max_len`` slots; ``step`` feeds one token
-per row. The cache is any pytree. :class:`CausalLMDecoder` adapts a ``fusion_jax.models.CausalLM``;
+per row. The cache is any pytree. ``score`` (a full forward, logits formed ``chunk`` positions at a
+time: :func:`fusion_jax.eval.scoring.token_scores`) serves likelihoods and held-out loss
+(:mod:`.scoring`). :class:`CausalLMDecoder` adapts a ``fusion_jax.models.CausalLM``;
 ``fusion_jax.ultrafuser.decoding.FusedDecoder`` adapts the UltraFuser fused model (K prompt views, one
 per specialist template). Both are built on ``fusion_jax.models.generate.prefill`` / ``decode_step``.
 
@@ -61,6 +64,8 @@ class Decoder(Protocol):
 
     def step(self, params, tokens, cache) -> tuple[jax.Array, Any]: ...
 
+    def score(self, params, ids, mask, labels, chunk: int) -> tuple[jax.Array, jax.Array]: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class CausalLMDecoder:
@@ -78,6 +83,12 @@ class CausalLMDecoder:
         model = nnx.merge(self.graphdef, params)
         h, cache = decode_step(model, tokens, cache)
         return model.logits_from_hidden(h), cache
+
+    def score(self, params, ids, mask, labels, chunk):
+        from fusion_jax.eval.scoring import token_scores
+        model = nnx.merge(self.graphdef, params)
+        h = model(ids, attention_mask=mask, return_hidden=True, return_logits=False).hidden
+        return token_scores(model.logits_from_hidden, h, labels, chunk)
 
 
 def causal_lm_decoder(model) -> tuple[CausalLMDecoder, Any]:

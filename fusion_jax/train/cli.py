@@ -28,8 +28,11 @@ DEFAULT_CONFIG = "configs/ultrafuser.py"
 # method -> "module:function(config) -> int | None"; imported only when that method runs.
 METHODS: dict[str, str] = {
     "ultrafuser": "fusion_jax.ultrafuser.pipeline:run",
+    "fusellm": "fusion_jax.distill.pipeline:run",
+    "fusechat": "fusion_jax.distill.pipeline:run",
     "toy": "fusion_jax.train.toy:run",   # the trainer's tiny LM (a smoke test of the whole stack)
     "xft": "fusion_jax.xft.pipeline:run",
+    "arena": "fusion_jax.arena.pipeline:run",   # every fusion method on the demo zoo, side by side
 }
 
 # method -> the config options naming directories it writes: checked before the job starts, so a file or a

@@ -215,14 +215,17 @@ def _json_default(x):
 def train_on_arrays(loss_fn, params, axes, arrays: Mapping[str, Any], run_cfg, workdir: Path, mesh, seed: int,
                     trainer_cfg, desc: str, *, grad_clip: float | None = 1.0, trainable=None,
                     schedule: str = "cosine", end_lr_ratio: float = 0.1, weight_decay: float = 0.0,
-                    meta: Mapping[str, Any] | None = None):
+                    meta: Mapping[str, Any] | None = None, batch_fn: Callable[[dict], dict] | None = None,
+                    betas: tuple[float, float] = (0.9, 0.999)):
     """One :class:`~fusion_jax.train.Trainer` run; returns ``(params, metrics rows)``.
 
     ``arrays``: ``{name: [N, ...]}`` rows drawn uniformly (seeded, resumable), ``run_cfg.batch`` per step;
     or ``{domain: {name: [N, ...]}}``: ``run_cfg.batch`` rows of EACH domain per step (balanced sampler).
     ``run_cfg``: ``steps``, ``batch``, ``learning_rate``, ``warmup_steps``. ``trainer_cfg``: ``save_every``,
     ``keep_checkpoints``, ``log_every``, ``progress``, ``async_checkpointing``. Rerunning resumes from
-    ``workdir``'s latest checkpoint (a finished run returns at once).
+    ``workdir``'s latest checkpoint (a finished run returns at once). ``batch_fn``: maps each sampled host
+    batch to the batch the loss sees (e.g. adds features read from memory-mapped files for the sampled
+    rows); the data position saved for resume is the sampler's.
     """
     from fusion_jax.data.sampler import DomainBalancedSampler
     from fusion_jax.train import OptimizerConfig, Trainer, TrainerConfig
@@ -238,15 +241,37 @@ def train_on_arrays(loss_fn, params, axes, arrays: Mapping[str, Any], run_cfg, w
                                     process_index=jax.process_index(), process_count=jax.process_count())
     opt = OptimizerConfig(learning_rate=float(r["learning_rate"]), warmup_steps=int(r.get("warmup_steps", 0)),
                           schedule=schedule, end_lr_ratio=end_lr_ratio, weight_decay=weight_decay,
-                          grad_clip=grad_clip)
+                          grad_clip=grad_clip, b1=float(betas[0]), b2=float(betas[1]))
     tc = TrainerConfig(total_steps=steps, workdir=str(workdir), seed=seed, save_every=int(t["save_every"]),
                        keep_checkpoints=int(t["keep_checkpoints"]), log_every=max(1, min(int(t["log_every"]), steps)),
                        progress=bool(t["progress"]), async_checkpointing=bool(t["async_checkpointing"]))
     trainer = Trainer(loss_fn, params, opt, tc, mesh=mesh, param_logical_axes=axes, trainable=trainable,
                       meta=meta)
     try:
-        result = trainer.run(sampler)
+        result = trainer.run(sampler if batch_fn is None else MappedBatches(sampler, batch_fn))
     finally:
         trainer.close()
     f = Path(workdir) / "logs" / "metrics.jsonl"
     return result.params, (read_jsonl(f) if f.is_file() else [])
+
+
+class MappedBatches:
+    """An iterator's batches through ``fn``, keeping its resume protocol (``get_state`` / ``set_state`` /
+    ``state_is_global``) for the Trainer."""
+
+    def __init__(self, it, fn: Callable[[dict], dict]):
+        self._it, self._fn = it, fn
+        self.state_is_global = bool(getattr(it, "state_is_global", False))
+
+    def __iter__(self) -> "MappedBatches":
+        self._it = iter(self._it)
+        return self
+
+    def __next__(self) -> dict:
+        return self._fn(next(self._it))
+
+    def get_state(self):
+        return self._it.get_state()
+
+    def set_state(self, state) -> None:
+        self._it.set_state(state)

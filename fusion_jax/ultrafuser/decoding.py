@@ -29,7 +29,7 @@ class FusedDecoder:
     graphdef: Any      # one specialist's GraphDef (all share it)
     views: int         # K, the number of specialists
 
-    def _mixed_logits(self, params, hidden):          # hidden [K, B, D] -> [B, V]
+    def _mixed_logits(self, params, hidden):          # hidden [K, B, (c,) D] -> [B, (c,) V]
         def head(p, h):
             return nnx.merge(self.graphdef, p).logits_from_hidden(h)
 
@@ -50,7 +50,36 @@ class FusedDecoder:
         h, cache = jax.vmap(one)(params[SPECIALISTS], cache)
         return self._mixed_logits(params, h), cache
 
+    def score(self, params, ids, mask, labels, chunk):
+        from fusion_jax.eval.scoring import token_scores
+
+        def hidden(p, i, m):
+            return nnx.merge(self.graphdef, p)(i, attention_mask=m, return_hidden=True, return_logits=False).hidden
+
+        h = jax.vmap(hidden)(params[SPECIALISTS], jnp.swapaxes(ids, 0, 1), jnp.swapaxes(mask, 0, 1))
+        return token_scores(lambda hc: self._mixed_logits(params, hc), h, labels, chunk, seq_axis=2)
+
 
 def fused_decoder(fm: FusedModel) -> tuple[FusedDecoder, dict]:
     """``(decoder, params)`` for :func:`fusion_jax.eval.generation.generate`."""
     return FusedDecoder(fm.graphdef, fm.num_experts), fm.train_params()
+
+
+def load_eval_model(path, *, dtype: str | None = None):
+    """A fused directory (``export.save_fused``) as a ``fusion_jax.eval.models.EvalModel``: the fused
+    decoder, the specialists' tokenizer and their own prompt templates (one view each)."""
+    from pathlib import Path
+
+    from fusion_jax.eval.models import EvalModel, _tokenizer_or_none
+    from fusion_jax.ultrafuser.data import templates_from_config
+    from fusion_jax.ultrafuser.export import load_fused
+    kw = {"param_dtype": dtype, "dtype": dtype} if dtype else {}
+    fm, meta = load_fused(path, **kw)
+    tok = _tokenizer_or_none(Path(path) / "specialists" / fm.names[0])
+    formats = meta.get("templates") or {}
+    templates = ()
+    if all(n in formats for n in fm.names):
+        bos = tok is None or tok.bos_token_id is not None
+        templates = tuple(templates_from_config(list(fm.names), formats, bos=bos))
+    dec, params = fused_decoder(fm)
+    return EvalModel("ultrafuser", Path(path), dec, params, tok, fm.config, tuple(fm.names), templates)

@@ -1,19 +1,20 @@
-"""Held-out evaluation of the fused model: response-token cross-entropy and the mean gate weights.
+"""Held-out evaluation of the fused model: response-token cross-entropy, the mean gate weights, samples.
 
 Single models are evaluated by :mod:`fusion_jax.eval.loss`; this module adds the fused model's jitted
 evaluation (same fixed-shape batches, so it compiles once) on top of it.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from fusion_jax.eval.generation import encode, generate
 from fusion_jax.eval.loss import sum_over_batches
 from fusion_jax.ultrafuser import fusion
+from fusion_jax.ultrafuser.decoding import fused_decoder
 from fusion_jax.ultrafuser.model import GATE, SPECIALISTS, FusedModel, to_fused_batch
 
 
@@ -38,9 +39,12 @@ def fused_loss_and_weights(ev, params, arrays: Mapping[str, np.ndarray], batch_s
     return float(nll / c), {name: float(x / c) for name, x in zip(names, wsum)}
 
 
-def fused_generate(fm: FusedModel, prompts: np.ndarray, prompt_mask: np.ndarray, max_new_tokens: int,
-                   eos_id: int | None, pad_id: int) -> np.ndarray:
-    """Greedy samples of the fused model; prompts ``[N, K, P]`` (the trainer layout) -> tokens ``[N, T]``."""
-    ids = jnp.swapaxes(jnp.asarray(prompts), 0, 1)
-    mask = jnp.swapaxes(jnp.asarray(prompt_mask), 0, 1)
-    return np.asarray(fm.generate(ids, mask, max_new_tokens, eos_id, pad_id))
+def fused_generate(fm: FusedModel, tokenizer, prompts: Sequence, templates: Sequence, config, *,
+                   progress: bool = False) -> list:
+    """Completions of the fused model (:func:`fusion_jax.eval.generation.generate`: greedy or sampled,
+    stop strings, several samples): each prompt (a string or a conversation) is rendered in every
+    specialist's template (``templates``, one per specialist, e.g. ``data.templates_from_config``).
+    Returns ``[prompt][sample]`` :class:`~fusion_jax.eval.generation.Completion` objects."""
+    dec, params = fused_decoder(fm)
+    return generate(dec, params, encode(tokenizer, prompts, list(templates)), config, tokenizer=tokenizer,
+                    progress=progress)

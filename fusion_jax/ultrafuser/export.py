@@ -7,6 +7,9 @@ Fused layout (``save_fused``)::
     out/gate.safetensors           gate.w1 [D,H], gate.b1 [H], gate.w2 [H], gate.b2 []
     out/gate_config.json           GateConfig (input size, hidden size, experts, names)
     out/specialists/<name>/        one HF checkpoint per fine-tuned specialist (transformers loads it)
+    out/config.json, configuration_ultrafuser.py, modeling_ultrafuser.py, tokenizer files
+                                   the fused model for PyTorch users: AutoModelForCausalLM.from_pretrained(
+                                   out, trust_remote_code=True) (fusion_jax/ultrafuser/remote_code)
 """
 from __future__ import annotations
 
@@ -95,6 +98,7 @@ def save_fused(fm: FusedModel, out_dir, *, templates: dict | None = None, tokeni
         meta = {"format": "fusion_jax.ultrafuser", "specialists": list(fm.names),
                 "templates": dict(templates or {}), **(extra or {})}
         (tmp / FUSED_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+        write_remote_code(tmp, fm, tmp / "specialists" / fm.names[0])
     return Path(out_dir)
 
 
@@ -115,3 +119,27 @@ def load_fused(in_dir, *, mesh=None, **load_kw) -> tuple[FusedModel, dict]:
         raise CheckpointError(f"{d / 'gate_config.json'}: gate input size {gcfg.input_size} != the "
                               f"specialists' hidden size {fm.config.hidden_size}")
     return fm, meta
+
+
+def write_remote_code(out: Path, fm: FusedModel, specialist_dir: Path) -> None:
+    """The transformers side of a fused export: ``config.json`` with ``auto_map`` pointing at the two
+    PyTorch files copied from :mod:`fusion_jax.ultrafuser.remote_code`, and the tokenizer and generation
+    config of the first specialist (so ``AutoTokenizer.from_pretrained(out)`` works too)."""
+    import shutil
+
+    from fusion_jax.hf.files import GENERATION_CONFIG_NAME, TOKENIZER_FILES
+    from fusion_jax.ultrafuser import remote_code
+    for f in remote_code.FILES:
+        shutil.copy(remote_code.DIR / f, out / f)
+    cfg = fm.config
+    hf_cfg = {"model_type": "ultrafuser_fused", "architectures": ["UltraFuserForCausalLM"],
+              "auto_map": {"AutoConfig": "configuration_ultrafuser.UltraFuserConfig",
+                           "AutoModelForCausalLM": "modeling_ultrafuser.UltraFuserForCausalLM"},
+              "specialists": list(fm.names), "gate_hidden_size": fm.gate_config.hidden_size,
+              "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+              "bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id,
+              "tie_word_embeddings": False}
+    (out / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
+    for f in (GENERATION_CONFIG_NAME,) + TOKENIZER_FILES:
+        if (specialist_dir / f).is_file():
+            shutil.copy(specialist_dir / f, out / f)

@@ -1,8 +1,9 @@
 """The fused model: N specialists stacked on an "expert" axis plus one shared gate.
 
 ``FusedModel`` holds one graphdef (all specialists share an architecture), the specialists' params as a
-pure-dict pytree with a leading expert axis, and the gate params. Forward, loss and greedy decoding run
-all specialists in one ``jax.vmap``; see :mod:`fusion_jax.ultrafuser.fusion` for the math.
+pure-dict pytree with a leading expert axis, and the gate params. Forward and loss run all specialists in
+one ``jax.vmap``; see :mod:`fusion_jax.ultrafuser.fusion` for the math. Decoding (greedy, sampling, stop
+strings) is :mod:`fusion_jax.ultrafuser.decoding` on the engine of :mod:`fusion_jax.eval.generation`.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from fusion_jax.errors import ConfigError
 from fusion_jax.ultrafuser import fusion
-from fusion_jax.ultrafuser.gate import GateConfig, gate_weights, init_gate
+from fusion_jax.ultrafuser.gate import GateConfig, init_gate
 
 
 def check_compatible(configs: Sequence[Any], names: Sequence[str]) -> None:
@@ -92,18 +93,6 @@ class FusedModel:
         hidden = fusion.stacked_hidden(self.hidden_fn, params, input_ids, attention_mask)
         return fusion.fused_logits(self.head_fn, params, gate, hidden)
 
-    # -- decoding --------------------------------------------------------------------------------------
-    def generate(self, input_ids, attention_mask, max_new_tokens: int, eos_token_id: int | None = None,
-                 pad_token_id: int = 0):
-        """Greedy decoding of the fused model; one KV cache per specialist (stacked on the expert axis).
-
-        input_ids/attention_mask [K,B,P]: the prompt rendered in each specialist's template, left-padded
-        to one length. Returns the new tokens [B, max_new_tokens] (pad after EOS).
-        """
-        return _generate(self.graphdef, self.params, self.gate, jnp.asarray(input_ids),
-                         jnp.asarray(attention_mask), int(max_new_tokens),
-                         -1 if eos_token_id is None else int(eos_token_id), int(pad_token_id))
-
     # -- training through fusion_jax.train.Trainer ------------------------------------------------------
     def train_params(self) -> dict:
         """The params pytree the trainer holds: ``{"specialists": stacked params, "gate": gate}``.
@@ -170,43 +159,3 @@ def trainer_loss(hidden_fn, head_fn, names, chunk, params, batch, rng):
     for k, name in enumerate(names):
         out[f"gate_weight/{name}"] = aux["gate_weight_sum"][k] / n
     return loss, out
-
-
-@partial(jax.jit, static_argnums=(0, 5, 6, 7))
-def _generate(graphdef, params, gate, input_ids, attention_mask, max_new: int, eos: int, pad: int):
-    K, B, P_ = input_ids.shape
-    total = P_ + max_new
-
-    def prefill(p, ids, mask):
-        m = nnx.merge(graphdef, p)
-        cache = m.init_cache(B, total)
-        out = m(ids, attention_mask=mask, cache=cache, return_hidden=True, return_logits=False)
-        return out.hidden[:, -1], out.cache
-
-    def decode(p, tok, cache):
-        m = nnx.merge(graphdef, p)
-        out = m(tok[:, None], attention_mask=jnp.ones((B, 1), jnp.int32), cache=cache,
-                return_hidden=True, return_logits=False)
-        return out.hidden[:, 0], out.cache
-
-    def head(p, h):
-        return nnx.merge(graphdef, p).logits_from_hidden(h)
-
-    def pick(h):  # h [K,B,D]
-        w = gate_weights(gate, h)
-        return jnp.argmax(fusion.mix_logits(w, jax.vmap(head)(params, h)), axis=-1).astype(jnp.int32)
-
-    h, caches = jax.vmap(prefill)(params, input_ids, attention_mask)
-    tok = pick(h)
-    done = tok == eos
-
-    def step(carry, _):
-        tok, caches, done = carry
-        h, caches = jax.vmap(decode, in_axes=(0, None, 0))(params, tok, caches)
-        nxt = pick(h)
-        nxt = jnp.where(done, pad, nxt)
-        done = done | (nxt == eos)
-        return (nxt, caches, done), nxt
-
-    _, rest = jax.lax.scan(step, (tok, caches, done), None, length=max_new - 1)
-    return jnp.concatenate([tok[:, None], rest.T], axis=1)

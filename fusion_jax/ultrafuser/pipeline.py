@@ -20,7 +20,6 @@ import json
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from fusion_jax.errors import ConfigError, DataError
 from fusion_jax.train.run import Run, barrier, init_distributed, is_main, log, quiet_orbax
@@ -248,22 +247,8 @@ def run(config) -> dict:
 
 def _samples(fm, tok, eval_ex, domains, templates, c) -> list[dict]:
     """A few greedy generations of the fused model (each prompt in every specialist's template)."""
-    from fusion_jax.data.templates import render_multi
-    rows, metas = [], []
-    for d in domains:
-        for e in eval_ex[d][: int(c.eval.generate_examples)]:
-            r = render_multi(tok, dict(e, response=""), templates, int(c.data.seq_len),
-                             max_prompt_len=int(c.data.max_prompt_len))
-            r0 = int(r["response_start"])
-            rows.append((r["input_ids"][:, :r0], r["attention_mask"][:, :r0]))
-            metas.append((d, e["prompt"]))
-    P = max(ids.shape[1] for ids, _ in rows)
-    K = len(templates)
-    ids = np.full((len(rows), K, P), tok.pad_token_id, np.int32)
-    mask = np.zeros((len(rows), K, P), np.int32)
-    for i, (a, m) in enumerate(rows):   # left-pad to one prompt length
-        ids[i, :, P - a.shape[1]:] = a
-        mask[i, :, P - a.shape[1]:] = m
-    toks = uev.fused_generate(fm, ids, mask, int(c.eval.max_new_tokens), tok.eos_token_id, tok.pad_token_id)
-    return [{"domain": d, "prompt": p, "output": tok.decode([int(x) for x in row], skip_special_tokens=True)}
-            for (d, p), row in zip(metas, toks)]
+    from fusion_jax.eval.generation import GenerationConfig, token_defaults
+    metas = [(d, e["prompt"]) for d in domains for e in eval_ex[d][: int(c.eval.generate_examples)]]
+    cfg = GenerationConfig(max_new_tokens=int(c.eval.max_new_tokens), **token_defaults(tok))
+    outs = uev.fused_generate(fm, tok, [p for _, p in metas], templates, cfg)
+    return [{"domain": d, "prompt": p, "output": o[0].text} for (d, p), o in zip(metas, outs)]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 
 _STATUS = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|"
                      r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNKNOWN|INTERNAL|ABORTED|ALREADY_EXISTS|"
@@ -90,8 +91,12 @@ class _OrbaxReRaisedFilter(logging.Filter):
         if record.levelno < logging.ERROR:
             return True
         if record.name == "asyncio":
+            # "Task/Future exception was never retrieved": the Orbax frames are in the message for a task,
+            # in the attached traceback for a gathering future
             try:
                 text = record.getMessage()
+                if record.exc_info and record.exc_info[1] is not None:
+                    text += "".join(traceback.format_exception(*record.exc_info))
             except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
                 return True
             return "/orbax/" not in text.replace("\\", "/")
