@@ -219,8 +219,10 @@ def router_summary(t: Trained) -> dict:
     noise alone chooses (k of the n routed experts at random)."""
     rows = [r for r in t.curves.get("moe_sft") or [] if "router_agreement" in r]
     c = t.moe_config
-    return {"agreement_first": rows[0]["router_agreement"] if rows else None,
-            "agreement_last": rows[-1]["router_agreement"] if rows else None,
+    noisy = bool(c.router_noise) and bool(rows)
+    return {"noise": bool(c.router_noise),
+            "agreement_first": rows[0]["router_agreement"] if noisy else None,
+            "agreement_last": rows[-1]["router_agreement"] if noisy else None,
             "agreement_random": c.num_experts_per_tok / c.num_routed_experts}
 
 

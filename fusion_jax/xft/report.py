@@ -6,7 +6,7 @@
     {"eval_loss": {model: {domain: loss, ..., "mean": loss}},     # base, dense_sft, moe, xft, xft_fixed
      "expert_load": {domain: [[share] * (E-1)] * L},              # routed assignments per expert (rows sum to 1)
      "experts": {"shared_drift", "routed_drift", "routed_spread": [per layer]},   # pipeline.expert_divergence
-     "router": {"agreement_first", "agreement_last", "agreement_random"},          # pipeline.router_summary
+     "router": {"noise", "agreement_first", "agreement_last", "agreement_random"},  # pipeline.router_summary
      "alpha": {"softmax": [[...]] * L, "coefficients": [[lambda, ...]] * L, "max_abs_change": float},
      "steps": {"moe_sft": n, "merge": m, "dense_sft": n + m}, "domains": [...]}
 """
