@@ -84,7 +84,7 @@ def jax_layer_fns(a):
     D, Fd = a.hidden, (a.top_k + 1) * a.inter
 
     def ours(p, x, key):
-        y, (b, _) = moe.moe_ffn(c, p, x, jax.nn.silu, key)
+        y, (b, *_) = moe.moe_ffn(c, p, x, jax.nn.silu, key)
         return jnp.mean(y * y) + b
 
     def onehot(p, x, key):
@@ -308,7 +308,7 @@ def check(a) -> dict:
     p = jax.tree.map(jnp.asarray, layer_params(a))
 
     def f(p, x):
-        y, (b, _) = moe.moe_ffn(c, p, x, jax.nn.silu, None)
+        y, (b, *_) = moe.moe_ffn(c, p, x, jax.nn.silu, None)
         return jnp.mean(y * y) + b, (y, b)
     (loss_j, (y_j, b_j)), g_j = jax.value_and_grad(f, has_aux=True)(p, jnp.asarray(x))
     m = torch_layer(a)

@@ -1,6 +1,6 @@
 """The arena at smoke size: a zoo from nothing, a contestant of every kind (the base, a specialist, the
-multi-task baseline, merges of both DARE rescales, UltraFuser through its pipeline) and a wing that is
-not installed, listed as missing; the table, plot and per-model outputs; a rerun reuses every stage.
+multi-task baseline, merges of both DARE rescales, UltraFuser through its pipeline, XFT) and a wing that is
+not installed (a registry entry naming a module that does not exist), listed as missing; the table, plot and per-model outputs; a rerun reuses every stage.
 The arena's numbers are the UltraFuser report's where both measure the same model on the same set."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from fusion_jax.arena.config import get_config
 from fusion_jax.errors import ConfigError
 
-CONTESTANTS = ("base", "math", "multitask", "linear", "dare_ties_exact", "ultrafuser", "xft")
+CONTESTANTS = ("base", "math", "multitask", "linear", "dare_ties_exact", "ultrafuser", "xft", "ghost")
+GHOST = ("upcycling", "fusion_jax.ghost_wing.arena:ghost", "a wing that is not in this install")
 
 
 def _config(tmp_path):
@@ -25,12 +26,14 @@ def _config(tmp_path):
     return c
 
 
-def test_arena_smoke(tmp_path, capsys):
+def test_arena_smoke(tmp_path, capsys, monkeypatch):
+    from fusion_jax.arena import contestants
     from fusion_jax.arena.pipeline import run
+    monkeypatch.setitem(contestants.CONTESTANTS, "ghost", GHOST)
     c = _config(tmp_path)
     res = run(c)
     rows = res["report"]["contestants"]
-    assert rows["xft"]["status"] == "missing" and "not in this install" in rows["xft"]["reason"]
+    assert rows["ghost"]["status"] == "missing" and "not in this install" in rows["ghost"]["reason"]
     for n in CONTESTANTS[:-1]:
         r = rows[n]
         assert r["status"] == "ok", (n, r.get("reason"))
@@ -39,6 +42,7 @@ def test_arena_smoke(tmp_path, capsys):
         assert 0.0 <= r["math"]["accuracy"] <= 1.0 and "pass@1" in r["code"]
         assert (tmp_path / "runs" / "arena_smoke" / "outputs" / n / "math.jsonl").is_file()
     assert rows["ultrafuser"]["template"] == "fused" and rows["multitask"]["template"] == "domain"
+    assert rows["xft"]["template"] == "domain"
     assert rows["math"]["template"] == "own:math" and rows["base"]["template"] == "base"
     out = tmp_path / "runs" / "arena_smoke"
     md = (out / "report.md").read_text()

@@ -119,7 +119,7 @@ def test_routing_and_dispatch_match_a_float64_numpy_reference(name, noisy, extra
     N = 48
     x = np.random.default_rng(1).standard_normal((N, D)).astype(np.float32)
     key = jax.random.key(7) if noisy else None
-    y, (balance, load) = jax.jit(lambda p, x: moe.moe_ffn(c, p, x[None], jax.nn.silu, key),
+    y, (balance, load, _) = jax.jit(lambda p, x: moe.moe_ffn(c, p, x[None], jax.nn.silu, key),
                                  compiler_options=FAST)(p, x)
     noise = np.asarray(jax.random.normal(key, (N, c.num_routed_experts), jnp.float32)) if noisy else None
     y_ref, b_ref, load_ref = reference(c, p, x, noise)
@@ -127,6 +127,24 @@ def test_routing_and_dispatch_match_a_float64_numpy_reference(name, noisy, extra
     np.testing.assert_allclose(float(balance), b_ref, rtol=2e-5)
     np.testing.assert_allclose(np.asarray(load), load_ref, rtol=0, atol=1e-7)
     assert b_ref > 1e-4  # the statistics are not degenerate
+
+
+def test_noise_agreement_is_the_share_of_noisy_choices_the_clean_logits_make():
+    """MoEAux.noise_agreement (a training diagnostic): with noisy gating, the mean over tokens of
+    |noisy top-k ∩ clean top-k| / k (NumPy); 1 in evaluation; k/n in expectation when noise dominates."""
+    c = _config("xft")
+    p = _layer_params(c)
+    x = np.random.default_rng(2).standard_normal((64, D)).astype(np.float32)
+    key = jax.random.key(3)
+    route = jax.jit(lambda p, x, key: moe.route(c, p, jnp.asarray(x), key).agreement)
+    clean = np.tanh(x.astype(np.float64) @ np.asarray(p["router"]["w1"], np.float64)) @ np.asarray(p["router"]["w2"])
+    sigma = np.log1p(np.exp(x @ np.asarray(p["router"]["noise"], np.float64))) + c.router_noise_eps
+    noisy = clean + np.asarray(jax.random.normal(key, clean.shape, jnp.float32)) * sigma
+    k = c.num_experts_per_tok
+    ci, ni = np.argsort(-clean, 1)[:, :k], np.argsort(-noisy, 1)[:, :k]
+    want = np.mean([len(set(a) & set(b)) / k for a, b in zip(ci, ni)])
+    np.testing.assert_allclose(float(route(p, x, key)), want, rtol=1e-6)
+    assert 0 < want < 1 and float(route(p, x, None)) == 1.0
 
 
 @pytest.mark.parametrize("impl", ["blocks", "ragged_dot"])

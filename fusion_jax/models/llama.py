@@ -236,8 +236,9 @@ class CausalLM(nnx.Module):
                                 length=cache.length + S)
         moe_aux = None
         if c.is_moe:
-            balance, load = aux
-            moe_aux = moe.MoEAux(balance_loss=balance.sum(), layer_balance=balance, expert_load=load)
+            balance, load, agreement = aux
+            moe_aux = moe.MoEAux(balance_loss=balance.sum(), layer_balance=balance, expert_load=load,
+                                 noise_agreement=agreement)
         return ModelOutput(logits=logits, hidden=hidden if return_hidden else None, cache=new_cache,
                            aux=moe_aux, layer_inputs=layer_inputs)
 

@@ -76,11 +76,15 @@ class MoEAux:
     layer_balance: [L]      float32, each layer's term
     expert_load:   [L, n]   float32, fraction of tokens that chose each ROUTED expert (n = E-1 for XFT,
                             whose shared expert 0 every token uses; each row sums to num_experts_per_tok)
+    noise_agreement: [L]    float32, noisy gating (training): the share of a token's chosen experts that
+                            its clean logits would also choose (k/n when the noise drowns the router, 1
+                            when it does not matter); 1 without noise
     """
 
     balance_loss: jax.Array
     layer_balance: jax.Array
     expert_load: jax.Array
+    noise_agreement: jax.Array
 
 
 @dataclasses.dataclass
@@ -91,6 +95,7 @@ class Routing:
     weights: jax.Array      # [N, A] float32
     balance: jax.Array      # [] float32 (coefficient applied)
     load: jax.Array         # [n] float32 fraction of tokens per routed expert
+    agreement: jax.Array    # [] float32 share of the noisy choices the clean logits make too (1: no noise)
 
 
 # -- routing ---------------------------------------------------------------------------------------
@@ -120,7 +125,7 @@ def route(c: ModelConfig, p: dict, x: jax.Array, key: jax.Array | None) -> Routi
     k, n = c.num_experts_per_tok, c.num_routed_experts
     r = p["router"]
     f32 = jnp.float32
-    noisy_training = False
+    noisy_training = noisy = False
     if c.router == "xft":
         clean = jnp.tanh(x @ r["w1"].astype(x.dtype)) @ r["w2"].astype(x.dtype)
         clean = clean.astype(f32)
@@ -129,7 +134,7 @@ def route(c: ModelConfig, p: dict, x: jax.Array, key: jax.Array | None) -> Routi
             sigma = jax.nn.softplus((x @ r["noise"].astype(x.dtype)).astype(f32)) + c.router_noise_eps
             noise_term = jax.random.normal(key, clean.shape, f32) * sigma
             logits = clean + noise_term
-            noisy_training = k < n
+            noisy, noisy_training = True, k < n
     else:
         logits = (x @ r["kernel"].astype(x.dtype)).astype(f32)
     probs = jax.nn.softmax(logits, axis=-1)
@@ -150,7 +155,11 @@ def route(c: ModelConfig, p: dict, x: jax.Array, key: jax.Array | None) -> Routi
     else:
         load = counts
     balance = c.balance_loss_coef * (_cv_squared(importance) + _cv_squared(load))
-    return Routing(experts=experts, weights=weights, balance=balance, load=counts / N)
+    agreement = jnp.ones((), f32)
+    if noisy:   # a diagnostic (no gradient): does the learned router or the noise choose the experts?
+        clean_i = jax.lax.top_k(jax.lax.stop_gradient(clean), k)[1]
+        agreement = (top_i[:, :, None] == clean_i[:, None, :]).any(-1).astype(f32).mean()
+    return Routing(experts=experts, weights=weights, balance=balance, load=counts / N, agreement=agreement)
 
 
 # -- the experts' FFN over padded expert blocks (CPU) --------------------------------------------------
@@ -335,8 +344,8 @@ def expert_ffn(c: ModelConfig, pe: dict, x: jax.Array, experts: jax.Array, weigh
 
 # -- the block -------------------------------------------------------------------------------------
 def moe_ffn(c: ModelConfig, p: dict, h: jax.Array, act: Callable, key: jax.Array | None = None,
-            impl: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """The MoE FFN of one layer: ``h`` [B, S, D] -> (y [B, S, D], (balance [], load [n]))."""
+            impl: str | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    """The MoE FFN of one layer: ``h`` [B, S, D] -> (y [B, S, D], (balance [], load [n], agreement []))."""
     B, S, D = h.shape
     x = h.reshape(B * S, D)
     r = route(c, p, x, key)
@@ -346,7 +355,7 @@ def moe_ffn(c: ModelConfig, p: dict, h: jax.Array, act: Callable, key: jax.Array
         g = act(x @ s["gate_proj"]["kernel"].astype(x.dtype)) * (x @ s["up_proj"]["kernel"].astype(x.dtype))
         shared = g @ s["down_proj"]["kernel"].astype(x.dtype)
         y = y + jax.nn.sigmoid(x @ p["shared_expert_gate"]["kernel"].astype(x.dtype)) * shared
-    return y.reshape(B, S, D), (r.balance, r.load)
+    return y.reshape(B, S, D), (r.balance, r.load, r.agreement)
 
 
 def param_init(c: ModelConfig, key: jax.Array, dtype, std: float = 0.02) -> dict[str, Any]:

@@ -31,6 +31,7 @@ METHODS: dict[str, str] = {
     "fusellm": "fusion_jax.distill.pipeline:run",
     "fusechat": "fusion_jax.distill.pipeline:run",
     "toy": "fusion_jax.train.toy:run",   # the trainer's tiny LM (a smoke test of the whole stack)
+    "xft": "fusion_jax.xft.pipeline:run",
     "arena": "fusion_jax.arena.pipeline:run",   # every fusion method on the demo zoo, side by side
 }
 
@@ -39,6 +40,7 @@ METHODS: dict[str, str] = {
 OUTPUT_OPTIONS: dict[str, tuple[str, ...]] = {
     "ultrafuser": ("output_dir",),
     "toy": ("workdir",),
+    "xft": ("output_dir",),
 }
 
 _USAGE = """usage: {prog} [--config=PATH[:PRESET]] [--config.FIELD=VALUE ...]

@@ -52,7 +52,7 @@ from fusion_jax.errors import ConfigError, TrainingError
 from fusion_jax.train import distributed
 from fusion_jax.train.checkpointing import Checkpointer
 from fusion_jax.train.metrics import MetricsLogger
-from fusion_jax.train.optimizer import OptimizerConfig, build_optimizer
+from fusion_jax.train.optimizer import OptimizerConfig, build_optimizer, stack_dims
 from fusion_jax.train.progress import Progress
 from fusion_jax.train.state import ParamSplit, TrainState, TrainableSpec, count_elements
 from fusion_jax.train.step import LossFn, make_train_step
@@ -161,13 +161,16 @@ class Trainer:
             return {k: NamedSharding(self.mesh, shd.logical_to_spec(axes_flat[k], np.shape(v), self.mesh, rules))
                     for k, v in flat.items()}
 
-        self.tx, self.schedule = build_optimizer(self.opt_config, flat_t, config.total_steps)
+        self.tx, self.schedule = build_optimizer(self.opt_config, flat_t, config.total_steps,
+                                                 stacked=stack_dims(axes_flat, flat_t))
         p_sh, f_sh = sh_for(flat_t), sh_for(flat_f)
         abstract_params = {k: jax.ShapeDtypeStruct(np.shape(v), jnp.asarray(v).dtype if not hasattr(v, "dtype")
                                                    else v.dtype) for k, v in flat_t.items()}
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
-        opt_sh = optax.tree_map_params(self.tx, lambda _, s: s, abstract_opt, p_sh,
-                                       transform_non_params=lambda _: repl)
+        # a state leaf shaped like its param is sharded like it; others (Adafactor's factored row / column
+        # statistics) are small and replicated
+        opt_sh = optax.tree_map_params(self.tx, lambda st, s, p: s if st.shape == p.shape else repl, abstract_opt,
+                                       p_sh, abstract_params, transform_non_params=lambda _: repl)
         self.state_shardings = TrainState(step=repl, params=p_sh, frozen=f_sh, opt_state=opt_sh, rng=repl)
 
         params_dev = jax.device_put(flat_t, p_sh)
@@ -240,7 +243,10 @@ class Trainer:
     def step_fn(self, local_batch: Any) -> dict:
         """Run one optimizer step on a process-local batch (no checks); returns device metrics."""
         gb, sh = self.to_global(local_batch)
-        self.state, metrics = self._compiled(sh)(self.state, gb)
+        # traced and run with the mesh as the context mesh: what lets a model find its mesh axes inside the
+        # step (an MoE block runs its experts expert-parallel over the ``expert`` axis); nothing else changes
+        with jax.set_mesh(self.mesh):
+            self.state, metrics = self._compiled(sh)(self.state, gb)
         return metrics
 
     # ------------------------------------------------------------------------------------------------

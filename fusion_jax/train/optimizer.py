@@ -1,4 +1,14 @@
-"""Optimizer from a config: AdamW with a weight-decay mask, warmup + decay schedule, global-norm clipping.
+"""Optimizer from a config: AdamW (or Adafactor) with a weight-decay mask, warmup + decay schedule,
+global-norm clipping.
+
+``name="adafactor"`` is transformers' ``Adafactor`` as the HF Trainer builds it (``scale_parameter=False,
+relative_step=False, warmup_init=False``; what XFT's reference trains with): no momentum, second moments
+factored over the last two dims of every tensor of >= 2 dims, decay 1 - t^-0.8, eps 1e-30, each tensor's
+update RMS-clipped at 1.0, weight decay lr-coupled (``p -= lr * wd * p``); ``b1``, ``b2`` and ``eps`` are
+AdamW's and unused. "Tensor" is transformers' one: our params stack layers (and experts) on leading axes,
+so ``stack_dims`` (from the logical axes, :func:`stack_dims`) makes each slice one tensor: a stacked norm
+scale ``[L, D]`` is L vectors (not factored), a stacked kernel ``[L, E, D, F]`` is L*E matrices, each
+clipped on its own.
 
 The optimizer acts on the trainer's flat dict of *trainable* params only (see ``state.ParamSplit``):
 frozen params get neither gradients nor optimizer state. ``lr_multipliers`` gives regex-selected groups
@@ -8,18 +18,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from fusion_jax.errors import ConfigError
 from fusion_jax.utils.configs import as_mapping
 
 _SCHEDULES = ("cosine", "linear", "constant")
+_OPTIMIZERS = ("adamw", "adafactor")
+#: logical axes that stack separate tensors (one per layer, one per expert) in one param
+STACK_AXES = ("layers", "expert")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
+    name: str = "adamw"                    # adamw | adafactor (see the module docstring)
     learning_rate: float = 1e-3
     schedule: str = "cosine"               # cosine | linear | constant (after warmup)
     warmup_steps: int = 0
@@ -55,6 +71,8 @@ class OptimizerConfig:
         return out
 
     def validate(self) -> None:
+        if self.name not in _OPTIMIZERS:
+            raise ConfigError(f"optimizer.name: {self.name!r} is not one of {', '.join(_OPTIMIZERS)}")
         if self.schedule not in _SCHEDULES:
             raise ConfigError(f"optimizer.schedule: {self.schedule!r} is not one of {', '.join(_SCHEDULES)}")
         if not self.learning_rate > 0:
@@ -97,23 +115,44 @@ def decay_mask(cfg: OptimizerConfig, flat_params: Mapping[str, Any]) -> dict[str
             for k, v in flat_params.items()}
 
 
-def build_optimizer(cfg: OptimizerConfig, flat_params: Mapping[str, Any], total_steps: int
-                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW (+ clipping, + per-group lr scale) over a flat dict of trainable params.
+def stack_dims(axes_flat: Mapping[str, Any] | None, flat_params: Mapping[str, Any]) -> dict[str, int]:
+    """``{path: number of leading stacking axes}`` (``STACK_AXES``) from each param's logical axes."""
+    out = {}
+    for k in flat_params:
+        n = 0
+        for a in (axes_flat or {}).get(k) or ():
+            if a not in STACK_AXES:
+                break
+            n += 1
+        out[k] = n
+    return out
+
+
+def build_optimizer(cfg: OptimizerConfig, flat_params: Mapping[str, Any], total_steps: int,
+                    stacked: Mapping[str, int] | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW or Adafactor (+ clipping, + per-group lr scale) over a flat dict of trainable params.
+    ``stacked``: leading stacking dims per param (:func:`stack_dims`; Adafactor's tensors).
 
     Returns ``(tx, schedule)``; ``schedule(step)`` is the base learning rate (for logging).
     """
     sched = build_schedule(cfg, total_steps)
-
-    inner = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                        mask=decay_mask(cfg, flat_params) if cfg.weight_decay else None)
+    if cfg.name == "adafactor":
+        inner = optax.chain(
+            scale_by_hf_adafactor({k: int((stacked or {}).get(k, 0)) for k in flat_params}),
+            optax.add_decayed_weights(cfg.weight_decay, decay_mask(cfg, flat_params)) if cfg.weight_decay
+            else optax.identity(),
+            optax.scale_by_learning_rate(sched))
+    else:
+        inner = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                            mask=decay_mask(cfg, flat_params) if cfg.weight_decay else None)
     chain = []
     if cfg.grad_clip is not None and cfg.grad_clip > 0:
         chain.append(optax.clip_by_global_norm(float(cfg.grad_clip)))
     chain.append(inner)
     if cfg.lr_multipliers:
-        # AdamW's update (decoupled weight decay included) is linear in the learning rate, so scaling the
-        # final update of a param by s is AdamW at lr * s. One optimizer state for all params (unlike
+        # AdamW's (and Adafactor's) update, weight decay included, is linear in the learning rate, so
+        # scaling the final update of a param by s is the optimizer at lr * s. One optimizer state for all params
+        # (unlike
         # optax.multi_transform, whose masked per-group states cannot carry shardings).
         pats = [(re.compile(p), float(s)) for p, s in cfg.lr_multipliers]
         chain.append(_scale_updates({k: next((s for r, s in pats if r.search(k)), 1.0) for k in flat_params}))
@@ -129,5 +168,57 @@ def _scale_updates(scales: Mapping[str, float]) -> optax.GradientTransformation:
     def update(updates, state, params=None):
         del params
         return {k: u if scales[k] == 1.0 else u * scales[k] for k, u in updates.items()}, state
+
+    return optax.GradientTransformation(init, update)
+
+
+class _HFAdafactorState(NamedTuple):
+    count: Any
+    v_row: dict      # factored tensors: mean of g^2 over the last dim; others: a (1,) placeholder
+    v_col: dict      # factored tensors: mean over the second-to-last dim
+    v: dict          # tensors of < 2 dims (per slice): the full second moment
+
+
+def scale_by_hf_adafactor(lead: Mapping[str, int], decay_rate: float = 0.8, eps: float = 1e-30,
+                          clip_threshold: float = 1.0) -> optax.GradientTransformation:
+    """transformers' ``Adafactor`` update before the learning rate (``scale_parameter=False``, no momentum),
+    over a flat dict of params whose first ``lead[path]`` dims stack separate tensors: each slice is
+    factored when it has >= 2 dims and RMS-clipped on its own. (optax.adafactor factors only dims >= 128,
+    picks the two largest, clips whole arrays and adds weight decay after the lr: not the reference's.)"""
+    def per_param(shape_fn):
+        # tree_map (not a dict comprehension): optax.tree_map_params inits with a placeholder for the params
+        def f(path, p):
+            return jnp.zeros(shape_fn(p.shape, p.ndim - lead[path[0].key] >= 2), jnp.float32)
+        return lambda params: jax.tree_util.tree_map_with_path(f, params)
+
+    row = per_param(lambda s, fac: s[:-1] if fac else (1,))
+    col = per_param(lambda s, fac: s[:-2] + s[-1:] if fac else (1,))
+    full = per_param(lambda s, fac: (1,) if fac else s)
+
+    def init(params):
+        return _HFAdafactorState(jnp.zeros((), jnp.int32), row(params), col(params), full(params))
+
+    def update(updates, state, params=None):
+        del params
+        t = state.count + 1
+        beta = 1.0 - jnp.power(t.astype(jnp.float32), -decay_rate)
+        row, col, v, out = {}, {}, {}, {}
+        for k, g in updates.items():
+            g = g.astype(jnp.float32)
+            g2 = g * g + eps
+            if g.ndim - lead[k] >= 2:
+                row[k] = beta * state.v_row[k] + (1 - beta) * g2.mean(-1)
+                col[k] = beta * state.v_col[k] + (1 - beta) * g2.mean(-2)
+                r = jax.lax.rsqrt(row[k] / row[k].mean(-1, keepdims=True))
+                u = g * r[..., None] * jax.lax.rsqrt(col[k])[..., None, :]
+                v[k] = state.v[k]
+            else:
+                v[k] = beta * state.v[k] + (1 - beta) * g2
+                u = g * jax.lax.rsqrt(v[k])
+                row[k], col[k] = state.v_row[k], state.v_col[k]
+            axes = tuple(range(lead[k], g.ndim))
+            rms = jnp.sqrt(jnp.mean(u * u, axis=axes, keepdims=True)) if axes else jnp.abs(u)
+            out[k] = (u / jnp.maximum(1.0, rms / clip_threshold)).astype(updates[k].dtype)
+        return out, _HFAdafactorState(t, row, col, v)
 
     return optax.GradientTransformation(init, update)

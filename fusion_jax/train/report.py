@@ -80,6 +80,35 @@ def plot_grouped_bars(path: str | Path, values: Mapping[str, Mapping[str, float]
     save_png(path, fig)
 
 
+def plot_heatmaps(path: str | Path, panels: Mapping[str, Sequence[Sequence[float]]], *, xlabel: str, ylabel: str,
+                  xticks: Sequence[str] | None = None, yticks: Sequence[str] | None = None, cbar: str = "",
+                  vmin: float | None = None, vmax: float | None = None, width: float = 4.2) -> None:
+    """One heatmap per ``panels`` entry (its title: a ``[rows, cols]`` matrix), annotated with the values,
+    one shared colour scale (``vmin``/``vmax``, default the data's range)."""
+    plt = _mpl()
+    mats = {t: np.asarray(m, np.float64) for t, m in panels.items()}
+    lo = min(float(m.min()) for m in mats.values()) if vmin is None else vmin
+    hi = max(float(m.max()) for m in mats.values()) if vmax is None else vmax
+    n = max(1, len(mats))
+    rows = max((m.shape[0] for m in mats.values()), default=1)
+    fig, axes = plt.subplots(1, n, figsize=(width * n + 1.0, 2.2 + 0.4 * rows), squeeze=False,
+                             layout="constrained")
+    im = None
+    for ax, (title, m) in zip(axes[0], mats.items()):
+        im = ax.imshow(m, vmin=lo, vmax=hi, cmap="viridis", aspect="auto")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if v < lo + 0.5 * (hi - lo) else "black")
+        ax.set_xticks(range(m.shape[1]), xticks if xticks is not None else range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]), yticks if yticks is not None else range(m.shape[0]))
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+    if im is not None:
+        fig.colorbar(im, ax=list(axes[0]), label=cbar, shrink=0.9)
+    save_png(path, fig)
+
+
 def markdown_table(rows: Mapping[str, Mapping[str, Any]], columns: Sequence[str], *, first: str = "model",
                    fmt: str = "{:.4f}", best: str | None = None) -> list[str]:
     """Markdown lines of a ``rows x columns`` table; ``best="min"|"max"`` bolds each column's best value."""
