@@ -20,14 +20,12 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from fusion_jax.errors import ConfigError
+from fusion_jax.zoo.config import lm_run
 
 METHODS = ("fusellm", "fusechat")
 DOMAINS = ("text", "code", "math")
 MERGE_METHODS = ("varm", "sce", "sce_fusechat", "linear")
 
-
-def _lm_run(steps: int, batch: int, lr: float, warmup: int) -> mlc.ConfigDict:
-    return mlc.ConfigDict({"steps": steps, "batch": batch, "learning_rate": lr, "warmup_steps": warmup})
 
 
 def _family(tokenizer: str, vocab: int, arch: str, d: int, f: int, layers: int, heads: int, kv: int, window: int,
@@ -72,10 +70,10 @@ def base_config(method: str = "fusellm") -> mlc.ConfigDict:
     c.zoo = mlc.ConfigDict()
     c.zoo.cache_dir = "~/.cache/fusion_jax/zoo"
     c.zoo.seed = 0
-    c.zoo.student = _family("bpe", 1024, "LlamaForCausalLM", 96, 256, 2, 2, 2, 0, _lm_run(90, 16, 3e-3, 10))
+    c.zoo.student = _family("bpe", 1024, "LlamaForCausalLM", 96, 256, 2, 2, 2, 0, lm_run(90, 16, 3e-3, 10))
     c.zoo.teachers = mlc.ConfigDict({
-        "qwen2": _family("unigram", 1536, "Qwen2ForCausalLM", 128, 352, 3, 4, 2, 0, _lm_run(300, 16, 3e-3, 15)),
-        "mistral": _family("bpe", 768, "MistralForCausalLM", 128, 352, 3, 4, 4, 48, _lm_run(300, 16, 3e-3, 15)),
+        "qwen2": _family("unigram", 1536, "Qwen2ForCausalLM", 128, 352, 3, 4, 2, 0, lm_run(300, 16, 3e-3, 15)),
+        "mistral": _family("bpe", 768, "MistralForCausalLM", 128, 352, 3, 4, 4, 48, lm_run(300, 16, 3e-3, 15)),
     })
 
     c.teacher_pass = mlc.ConfigDict({
@@ -130,10 +128,10 @@ def _smoke(c: mlc.ConfigDict) -> None:
     c.data.eval_seq_len = 128
     c.data.max_train_examples = 12
     c.data.max_eval_examples = 4
-    c.zoo.student = _family("bpe", 320, "LlamaForCausalLM", 32, 64, 1, 2, 2, 0, _lm_run(4, 8, 3e-3, 1))
+    c.zoo.student = _family("bpe", 320, "LlamaForCausalLM", 32, 64, 1, 2, 2, 0, lm_run(4, 8, 3e-3, 1))
     c.zoo.teachers = mlc.ConfigDict({
-        "qwen2": _family("unigram", 420, "Qwen2ForCausalLM", 32, 64, 1, 2, 1, 0, _lm_run(4, 8, 3e-3, 1)),
-        "mistral": _family("bpe", 290, "MistralForCausalLM", 32, 64, 1, 2, 2, 16, _lm_run(4, 8, 3e-3, 1)),
+        "qwen2": _family("unigram", 420, "Qwen2ForCausalLM", 32, 64, 1, 2, 1, 0, lm_run(4, 8, 3e-3, 1)),
+        "mistral": _family("bpe", 290, "MistralForCausalLM", 32, 64, 1, 2, 2, 16, lm_run(4, 8, 3e-3, 1)),
     })
     c.teacher_pass.batch_per_device = 4
     c.teacher_pass.shard_sequences = 32

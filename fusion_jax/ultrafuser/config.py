@@ -19,6 +19,8 @@ import ml_collections as mlc
 
 from fusion_jax.data.templates import DEMO_TEMPLATES as _DEMO
 from fusion_jax.errors import ConfigError
+from fusion_jax.utils.configs import check_keys
+from fusion_jax.zoo.config import family_and_corpus, set_demo_family, set_smoke_family
 from fusion_jax.ultrafuser.data import CHAT_TEMPLATE
 
 # Each specialist's own prompt format ("{prompt}" marks the user turn): the demo zoo's, one per domain
@@ -39,9 +41,6 @@ def _stage(steps: int, bpd: int, lr: float, warmup: int) -> mlc.ConfigDict:
         "grad_clip": 1.0,
     })
 
-
-def _lm_run(steps: int, batch: int, lr: float, warmup: int) -> mlc.ConfigDict:
-    return mlc.ConfigDict({"steps": steps, "batch": batch, "learning_rate": lr, "warmup_steps": warmup})
 
 
 def base_config() -> mlc.ConfigDict:
@@ -70,26 +69,11 @@ def base_config() -> mlc.ConfigDict:
     c.data.eval_files = mlc.ConfigDict({d: "" for d in DOMAINS})
     c.data.prompt_field = "prompt"
     c.data.response_field = "response"
-    c.data.seq_len = 96                   # prompt (in the longest template) + response, in tokens
-    c.data.max_prompt_len = 40            # prompts are cut (from the left) to this when space is short
     c.data.max_train_examples = 600       # per domain for the fusion stages; 0 = all
     c.data.max_eval_examples = 96         # per domain; 0 = all
     c.data.mixed_eval_examples = 96       # held-out responses that switch domain mid-answer
-    c.data.seed = 0                       # demo corpus and the mixed set
-    c.data.n_train = 1500                 # demo corpus: examples per domain
-    c.data.n_eval = 100
-
-    c.zoo = mlc.ConfigDict()
-    c.zoo.cache_dir = "~/.cache/fusion_jax/zoo"
-    c.zoo.seed = 0
-    c.zoo.vocab_size = 1024
-    c.zoo.hidden_size = 96
-    c.zoo.intermediate_size = 256
-    c.zoo.num_layers = 2
-    c.zoo.num_heads = 2
-    c.zoo.num_kv_heads = 2
-    c.zoo.pretrain = _lm_run(150, 16, 3e-3, 15)
-    c.zoo.finetune = _lm_run(80, 8, 1e-3, 8)      # batch: rows of each domain (three run side by side)
+    # data.{seq_len, max_prompt_len, seed, n_train, n_eval} and zoo: the demo family (fusion_jax.zoo.config)
+    set_demo_family(c)
 
     c.gate_hidden = 512
     c.loss_chunk = 32                     # sequence chunk of the fused loss ([K,B,chunk,V] live at once)
@@ -122,18 +106,9 @@ def _demo(c: mlc.ConfigDict) -> None:
 def _smoke(c: mlc.ConfigDict) -> None:
     """End to end in well under a minute: a tiny zoo, a few steps of everything."""
     c.name = "ultrafuser_smoke"
-    c.data.n_train = 120
-    c.data.n_eval = 16
-    c.data.seq_len = 64
-    c.data.max_prompt_len = 32
+    set_smoke_family(c)
     c.data.max_eval_examples = 16
     c.data.mixed_eval_examples = 16
-    c.zoo.vocab_size = 320
-    c.zoo.hidden_size = 32
-    c.zoo.intermediate_size = 64
-    c.zoo.num_layers = 1
-    c.zoo.pretrain = _lm_run(6, 8, 3e-3, 1)
-    c.zoo.finetune = _lm_run(3, 4, 1e-3, 1)
     c.gate_hidden = 32
     c.loss_chunk = 16
     c.stage1 = _stage(4, 2, 1e-3, 1)
@@ -205,15 +180,7 @@ def get_config(preset: str | None = None) -> mlc.ConfigDict:
     return c
 
 
-def _check_keys(given: dict, schema: dict, where: str) -> None:
-    for k, v in given.items():
-        path = f"{where}.{k}" if where else k
-        if k not in schema:
-            raise ConfigError(f"{path}: unknown option (known: {', '.join(sorted(schema))})")
-        if isinstance(schema[k], dict) and k not in ("templates", "train_files", "eval_files"):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{path}: expected a group of options, got {v!r}")
-            _check_keys(v, schema[k], path)
+_FREE_GROUPS = ("templates", "train_files", "eval_files")   # keyed by domain
 
 
 def validate(config) -> mlc.ConfigDict:
@@ -222,7 +189,7 @@ def validate(config) -> mlc.ConfigDict:
     preset = c.get("preset", "demo")
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is unknown (known: {', '.join(PRESETS)})")
-    _check_keys(c.to_dict(), base_config().to_dict(), "")
+    check_keys(c.to_dict(), base_config().to_dict(), free=_FREE_GROUPS)
     if c.method != "ultrafuser":
         raise ConfigError(f"method: {c.method!r}; this config is for 'ultrafuser'")
     names, domains = list(c.specialists.names), list(c.data.domains)
@@ -309,10 +276,4 @@ def training_fingerprint(c: mlc.ConfigDict) -> str:
 
 def zoo_specs(c: mlc.ConfigDict):
     """The demo zoo family (a base and one specialist per domain, each in its own template) and its corpus."""
-    from fusion_jax.zoo import CorpusSpec, spec_from_config
-    names = tuple(c.specialists.names)
-    spec = spec_from_config(c.zoo, seq_len=int(c.data.seq_len), max_prompt_len=int(c.data.max_prompt_len),
-                            specialists=tuple((n, str(c.specialists.templates[n])) for n in names))
-    corpus = CorpusSpec(seed=int(c.data.seed), n_train=int(c.data.n_train), n_eval=int(c.data.n_eval),
-                        domains=names)
-    return spec, corpus
+    return family_and_corpus(c, tuple((n, str(c.specialists.templates[n])) for n in c.specialists.names))

@@ -20,3 +20,19 @@ def as_mapping(cfg: Any, where: str, known: Iterable[str]) -> dict:
     if unknown:
         raise ConfigError(f"{where}.{unknown[0]}: unknown option (known: {', '.join(sorted(known))})")
     return dict(cfg)
+
+
+def check_keys(given: Mapping, schema: Mapping, where: str = "", *, free: Iterable[str] = ()) -> None:
+    """Every key of ``given`` (nested plain dicts) is an option of ``schema`` (the preset's own config as a
+    dict): an unknown one is a ConfigError naming its dotted path and the known ones. A group named in
+    ``free`` (its keys are the user's: domains, teacher names, templates) is not checked inside."""
+    free = tuple(free)
+    for k, v in given.items():
+        path = f"{where}.{k}" if where else k
+        if k not in schema:
+            raise ConfigError(f"{path}: unknown option (known: {', '.join(sorted(schema))})")
+        if isinstance(schema[k], Mapping):
+            if not isinstance(v, Mapping):
+                raise ConfigError(f"{path}: expected a group of options, got {v!r}")
+            if k not in free:
+                check_keys(v, schema[k], path, free=free)

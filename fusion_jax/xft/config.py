@@ -25,6 +25,8 @@ import ml_collections as mlc
 
 from fusion_jax.data.templates import CHAT_FORMAT, DEMO_TEMPLATES as _DEMO
 from fusion_jax.errors import ConfigError
+from fusion_jax.utils.configs import check_keys
+from fusion_jax.zoo.config import family_and_corpus, set_demo_family, set_smoke_family
 
 DEMO_TEMPLATES = {name: t.prompt for name, t in _DEMO.items()}
 DOMAINS = ("text", "code", "math")
@@ -52,9 +54,6 @@ def _stage(steps: int, bpd: int, lr: float, warmup: int) -> mlc.ConfigDict:
     })
 
 
-def _lm_run(steps: int, batch: int, lr: float, warmup: int) -> mlc.ConfigDict:
-    return mlc.ConfigDict({"steps": steps, "batch": batch, "learning_rate": lr, "warmup_steps": warmup})
-
 
 def base_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
@@ -81,29 +80,14 @@ def base_config() -> mlc.ConfigDict:
     c.data.eval_files = mlc.ConfigDict({d: "" for d in DOMAINS})
     c.data.prompt_field = "prompt"
     c.data.response_field = "response"
-    c.data.seq_len = 96                   # prompt + response, in tokens (right-padded; longer is truncated)
-    c.data.max_prompt_len = 40            # prompts are cut (from the left) to this when space is short
     # per domain. 300 examples at 8 per domain and step make the reference's schedule in epochs: MoE SFT
     # 4 epochs (150 steps), merge 1 epoch (38), dense SFT 5 (188)
     c.data.max_train_examples = 300
     c.data.max_eval_examples = 0          # per domain; 0 = all (the demo corpus holds 100)
-    c.data.seed = 0                       # the demo corpus
-    c.data.n_train = 1500                 # demo corpus: examples per domain
-    c.data.n_eval = 100
 
-    # the demo zoo: these fields and data.{seq_len, max_prompt_len, seed, n_train, n_eval, templates} are
-    # the UltraFuser demo's, so both methods share one cached family (base + specialists)
-    c.zoo = mlc.ConfigDict()
-    c.zoo.cache_dir = "~/.cache/fusion_jax/zoo"
-    c.zoo.seed = 0
-    c.zoo.vocab_size = 1024
-    c.zoo.hidden_size = 96
-    c.zoo.intermediate_size = 256
-    c.zoo.num_layers = 2
-    c.zoo.num_heads = 2
-    c.zoo.num_kv_heads = 2
-    c.zoo.pretrain = _lm_run(150, 16, 3e-3, 15)
-    c.zoo.finetune = _lm_run(80, 8, 1e-3, 8)
+    # data.{seq_len, max_prompt_len, seed, n_train, n_eval} and zoo: the demo family (fusion_jax.zoo.config),
+    # the UltraFuser demo's with the same templates, so both methods share one cached base + specialists
+    set_demo_family(c)
 
     # XFT's upcycling (convert_dense_to_moe.py): 8 experts, expert 0 shared and always on, top-5 of the
     # other 7 (6 active), router and noise layers N(0, 0.02), noisy gating in training
@@ -141,18 +125,9 @@ def _demo(c: mlc.ConfigDict) -> None:
 def _smoke(c: mlc.ConfigDict) -> None:
     """End to end in well under a minute: the UltraFuser smoke zoo, a few steps of everything."""
     c.name = "xft_smoke"
-    c.data.n_train = 120
-    c.data.n_eval = 16
-    c.data.seq_len = 64
-    c.data.max_prompt_len = 32
+    set_smoke_family(c)
     c.data.max_train_examples = 0
     c.data.max_eval_examples = 16
-    c.zoo.vocab_size = 320
-    c.zoo.hidden_size = 32
-    c.zoo.intermediate_size = 64
-    c.zoo.num_layers = 1
-    c.zoo.pretrain = _lm_run(6, 8, 3e-3, 1)
-    c.zoo.finetune = _lm_run(3, 4, 1e-3, 1)
     c.sft = _stage(4, 2, 1e-3, 1)
     c.merge = _stage(2, 2, 2e-4, 1)
     c.merge.shared_weight = 0.75
@@ -227,15 +202,6 @@ def get_config(preset: str | None = None) -> mlc.ConfigDict:
 _FREE_GROUPS = ("templates", "train_files", "eval_files")   # keyed by domain
 
 
-def _check_keys(given: dict, schema: dict, where: str) -> None:
-    for k, v in given.items():
-        path = f"{where}.{k}" if where else k
-        if k not in schema:
-            raise ConfigError(f"{path}: unknown option (known: {', '.join(sorted(schema))})")
-        if isinstance(schema[k], dict) and k not in _FREE_GROUPS:
-            if not isinstance(v, dict):
-                raise ConfigError(f"{path}: expected a group of options, got {v!r}")
-            _check_keys(v, schema[k], path)
 
 
 def _int(c, path: str, lo: int | None = None) -> int:
@@ -287,7 +253,7 @@ def validate(config) -> mlc.ConfigDict:
     preset = c.get("preset", "demo")
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is unknown (known: {', '.join(PRESETS)})")
-    _check_keys(c.to_dict(), base_config().to_dict(), "")
+    check_keys(c.to_dict(), base_config().to_dict(), free=_FREE_GROUPS)
     if c.method != "xft":
         raise ConfigError(f"method: {c.method!r}; this config is for 'xft'")
     domains = list(c.data.domains)
@@ -372,10 +338,4 @@ def training_fingerprint(c: mlc.ConfigDict) -> str:
 def zoo_specs(c: mlc.ConfigDict):
     """The demo zoo family whose base XFT upcycles (a base and one specialist per domain, each in its
     domain's template: for the demo preset the UltraFuser demo's family, one cache entry) and its corpus."""
-    from fusion_jax.zoo import CorpusSpec, spec_from_config
-    domains = tuple(c.data.domains)
-    spec = spec_from_config(c.zoo, seq_len=int(c.data.seq_len), max_prompt_len=int(c.data.max_prompt_len),
-                            specialists=tuple((d, str(c.data.templates[d])) for d in domains))
-    corpus = CorpusSpec(seed=int(c.data.seed), n_train=int(c.data.n_train), n_eval=int(c.data.n_eval),
-                        domains=domains)
-    return spec, corpus
+    return family_and_corpus(c, tuple((d, str(c.data.templates[d])) for d in c.data.domains))
