@@ -95,6 +95,7 @@ def test_cli_reports_config_errors_with_exit_2(fx, tmp_path):
 def staged(fx, tmp_path_factory):
     """Load the fixture specialists, render the fixture data, run stage 1 then stage 2 (snapshots)."""
     from fusion_jax import sharding
+    from fusion_jax.data.loading import examples_from_config
     from fusion_jax.data.tokenizer import load_tokenizer
     from fusion_jax.ultrafuser import data as udata
     from fusion_jax.ultrafuser.export import load_specialists
@@ -102,7 +103,7 @@ def staged(fx, tmp_path_factory):
     out = tmp_path_factory.mktemp("uf_staged")
     c = validate(fixture_config(fx, out))
     tok = load_tokenizer(fx["paths"][0])
-    train_ex, _ = pipeline._file_examples(c, list(NAMES))
+    train_ex, _ = examples_from_config(c.data, list(NAMES))
     sets = udata.render_sets(tok, train_ex, udata.templates_from_config(NAMES, c.specialists.templates),
                              int(c.data.seq_len), int(c.data.max_prompt_len))
     mesh = sharding.make_mesh(None)

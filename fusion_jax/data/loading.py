@@ -56,6 +56,28 @@ def load_examples(source: str | os.PathLike, *, split: str = "train", domain: st
     return out
 
 
+def examples_from_config(data: Any, domains: Sequence[str], *, eval_required: bool = True
+                         ) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """``(train, eval)``, each ``{domain: examples}``, from a method config's ``data`` group: per domain
+    ``train_files[d]`` / ``eval_files[d]`` read with ``prompt_field`` / ``response_field``, capped at
+    ``max_train_examples`` / ``max_eval_examples`` (0 = all). A domain without a train file is a DataError
+    naming the option; so is one without an eval file, unless ``eval_required`` is false (it is then left
+    out of ``eval``)."""
+    out: dict[str, dict[str, list[dict]]] = {"train": {}, "eval": {}}
+    for split in ("train", "eval"):
+        cap = int(data.max_train_examples if split == "train" else data.max_eval_examples)
+        for d in domains:
+            src = str(data[f"{split}_files"].get(d, ""))
+            if not src:
+                if split == "eval" and not eval_required:
+                    continue
+                raise DataError(f"data.{split}_files.{d}: domain {d!r} has no {split} data (give a file for "
+                                "every domain)")
+            out[split][d] = load_examples(src, split=split, domain=d, prompt_field=str(data.prompt_field),
+                                          response_field=str(data.response_field), limit=cap or None)
+    return out["train"], out["eval"]
+
+
 def group_by_domain(examples: Sequence[dict], domains: Sequence[str]) -> dict[str, list[dict]]:
     """``{domain: examples}`` in ``domains`` order; a domain with no examples raises DataError, and so
     does an example whose domain is not listed."""

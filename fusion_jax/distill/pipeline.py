@@ -122,18 +122,8 @@ def _examples(c, demo_corpus) -> tuple[dict, dict]:
     if demo_corpus is not None:
         return ({d: demo_corpus[d]["train"][:cap_t] for d in domains},
                 {d: demo_corpus[d]["eval"][:cap_e] for d in domains})
-    from fusion_jax.data.loading import load_examples
-    out = {"train": {}, "eval": {}}
-    for split, cap in (("train", cap_t), ("eval", cap_e)):
-        for d in domains:
-            src = str(c.data[f"{split}_files"].get(d, ""))
-            if not src:
-                if split == "eval":
-                    continue
-                raise ConfigError(f"data.train_files.{d}: domain {d!r} has no training data")
-            out[split][d] = load_examples(src, split=split, domain=d, prompt_field=str(c.data.prompt_field),
-                                          response_field=str(c.data.response_field), limit=cap)
-    return out["train"], out["eval"]
+    from fusion_jax.data.loading import examples_from_config
+    return examples_from_config(c.data, domains, eval_required=False)
 
 
 @dataclasses.dataclass

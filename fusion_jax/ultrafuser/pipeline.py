@@ -21,7 +21,8 @@ from pathlib import Path
 
 import jax
 
-from fusion_jax.errors import ConfigError, DataError
+from fusion_jax.data.loading import examples_from_config
+from fusion_jax.errors import ConfigError
 from fusion_jax.train.run import Run, barrier, init_distributed, is_main, log, quiet_orbax
 from fusion_jax.ultrafuser import config as ucfg
 from fusion_jax.ultrafuser import data as udata
@@ -37,21 +38,6 @@ BASE_TEMPLATE = "{prompt}\n"   # the demo base was pre-trained on "prompt\nrespo
 
 
 # -- inputs --------------------------------------------------------------------------------------------
-def _file_examples(c, domains) -> tuple[dict, dict]:
-    """Train/eval examples per domain from data.train_files/eval_files (checked before any training)."""
-    from fusion_jax.data.loading import load_examples
-    out = {"train": {}, "eval": {}}
-    for split in ("train", "eval"):
-        for d in domains:
-            src = str(c.data[f"{split}_files"].get(d, ""))
-            if not src:
-                raise DataError(f"data.{split}_files.{d}: domain {d!r} has no {split} data (give a file for "
-                                "every domain)")
-            cap = int(c.data.max_train_examples if split == "train" else c.data.max_eval_examples)
-            out[split][d] = load_examples(src, split=split, domain=d, prompt_field=str(c.data.prompt_field),
-                                          response_field=str(c.data.response_field), limit=cap or None)
-    return out["train"], out["eval"]
-
 
 def _demo_examples(corpus: dict, c, domains) -> tuple[dict, dict]:
     cap_t, cap_e = int(c.data.max_train_examples), int(c.data.max_eval_examples)
@@ -131,7 +117,7 @@ def run(config) -> dict:
     paths = [str(Path(str(p)).expanduser()) for p in c.specialists.paths]
     if paths:
         check_specialist_dirs(paths, names)
-        train_ex, eval_ex = _file_examples(c, domains)
+        train_ex, eval_ex = examples_from_config(c.data, domains)
         tok_path = str(c.specialists.tokenizer) or paths[0]
         tok = load_tokenizer(tok_path)
     elif any(str(c.data.train_files.get(d, "")) for d in domains):

@@ -24,6 +24,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from fusion_jax.data.loading import examples_from_config
 from fusion_jax.errors import CheckpointError, DataError
 from fusion_jax.train.run import Run, barrier, init_distributed, is_main, log, quiet_orbax
 from fusion_jax.xft import config as xcfg
@@ -45,20 +46,6 @@ def _check_model_dir(path: str):
                               "upcycles a dense model")
     return d
 
-
-def _file_examples(c, domains) -> tuple[dict, dict]:
-    from fusion_jax.data.loading import load_examples
-    out: dict[str, dict] = {"train": {}, "eval": {}}
-    for split in ("train", "eval"):
-        for d in domains:
-            src = str(c.data[f"{split}_files"].get(d, ""))
-            if not src:
-                raise DataError(f"data.{split}_files.{d}: domain {d!r} has no {split} data (give a file for "
-                                "every domain)")
-            cap = int(c.data.max_train_examples if split == "train" else c.data.max_eval_examples)
-            out[split][d] = load_examples(src, split=split, domain=d, prompt_field=str(c.data.prompt_field),
-                                          response_field=str(c.data.response_field), limit=cap or None)
-    return out["train"], out["eval"]
 
 
 def render_sets(tok, examples: Mapping[str, list], formats: Mapping[str, str], seq_len: int, max_prompt_len: int
@@ -263,7 +250,7 @@ def run(config) -> dict:
     path = str(c.model.path)
     if path:
         base_dir = _check_model_dir(path)
-        train_ex, eval_ex = _file_examples(c, domains)
+        train_ex, eval_ex = examples_from_config(c.data, domains)
     run_dir = Run.open(c, fingerprint=xcfg.training_fingerprint(c))
     out_dir, work = run_dir.out_dir, run_dir.work
 
