@@ -29,12 +29,12 @@ def _arrays():
     return {d: toy_batches(1, n, 12, seed=s)[0] for d, n, s in (("even", 5, 1), ("odd", 7, 2))}
 
 
-def _trainer(workdir, callbacks=(), total_steps=6):
+def _trainer(workdir, callbacks=(), total_steps=6, log_every=2):
     m = ToyLM(vocab=32, dim=8, hidden=12, layers=1, rngs=nnx.Rngs(0))
     g, p = nnx.split(m, nnx.Param)
     return Trainer(nnx_causal_lm_loss(g), nnx.to_pure_dict(p), OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
                    TrainerConfig(total_steps=total_steps, workdir=str(workdir), save_every=2, keep_checkpoints=2,
-                                 async_checkpointing=True, log_every=2, progress=True),
+                                 async_checkpointing=True, log_every=log_every, progress=True),
                    param_logical_axes=shd.state_logical_axes(p), callbacks=callbacks)
 
 
@@ -80,6 +80,33 @@ def test_logs_progress_and_resume_with_sampler(tmp_path, capsys):
     steps = sorted({s for s, _ in tb["loss"]})
     assert steps == [2, 4, 6]
     assert dict(tb["loss"])[6] == pytest.approx(rows[2]["loss"], rel=1e-6)
+
+
+def test_a_log_window_cut_by_the_resume_gives_the_uninterrupted_rows(tmp_path):
+    """log_every 3, checkpoints every 2: the run resumes from step 4, inside the window of steps 4-6; the
+    step-6 row must still be the mean over steps 4, 5 and 6 (step 4's metrics come from its checkpoint)."""
+    def crash_at_5(step, metrics, tr):
+        if step == 5:
+            raise _Crash
+
+    def sampler():
+        return DomainBalancedSampler(_arrays(), 2, seed=0, process_index=0, process_count=1)
+
+    ref = _trainer(tmp_path / "whole", log_every=3)
+    ref.run(sampler())
+    ref.close()
+    a = _trainer(tmp_path / "cut", [crash_at_5], log_every=3)
+    with pytest.raises(_Crash):
+        a.run(sampler())
+    a.close()
+    b = _trainer(tmp_path / "cut", log_every=3)
+    assert b.run(sampler()).resumed_from == 4
+    b.close()
+    want, got = (read_jsonl(d / "logs" / "metrics.jsonl") for d in (tmp_path / "whole", tmp_path / "cut"))
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [3, 6]
+    for w, g in zip(want, got):
+        for k in ("loss", "grad_norm", "learning_rate", "num_tokens"):
+            assert g[k] == pytest.approx(w[k], rel=1e-6), (g["step"], k)
 
 
 def test_a_resumed_run_in_the_same_second_keeps_the_earlier_events(tmp_path):

@@ -150,6 +150,7 @@ class Trainer:
         self.meta = dict(meta or {})
         spec = trainable if trainable is not None else self.opt_config.trainable
         self.split = ParamSplit(params, spec)
+        self._restored_meta: dict = {}          # the meta of the checkpoint restore_latest read
         flat_t, flat_f = self.split.split(params)
 
         axes_flat = self.split.flat(param_logical_axes) if param_logical_axes is not None else None
@@ -258,8 +259,9 @@ class Trainer:
         latest = self.checkpointer.latest_step()
         if latest is None:
             return None, None
-        self.state, data_state, _ = self.checkpointer.restore(latest, self.state, self.state_shardings,
-                                                              global_data_state=global_data_state)
+        self.state, data_state, meta = self.checkpointer.restore(latest, self.state, self.state_shardings,
+                                                                 global_data_state=global_data_state)
+        self._restored_meta = meta
         return latest, data_state
 
     def run(self, data: Iterable[Any]) -> TrainResult:
@@ -287,7 +289,10 @@ class Trainer:
         if resumed_from is not None:
             progress.write(f"resumed from step {resumed_from} ({self.checkpointer.directory})")
         history: list[dict] = []
-        window: list[dict] = []
+        # the steps since the last logged row: saved with each checkpoint, so that a run resumed between
+        # two log steps logs the same means over the same steps as an uninterrupted one
+        window: list[dict] = (list(self._restored_meta.get("log_window") or [])
+                              if resumed_from is not None else [])
         t_last = time.perf_counter()
 
         def fetch(consumed: int):
@@ -349,7 +354,7 @@ class Trainer:
                         self.checkpointer.should_save(step, total) or nxt is None):
                     self.checkpointer.save(step, self.state, dstate, meta=dict(
                         self.meta, trainable=self.split.trainable_paths, frozen=self.split.frozen_paths,
-                        process_count=jax.process_count()))
+                        process_count=jax.process_count(), log_window=list(window)))
                 batch, dstate = nxt, nxt_state
             if step < total:
                 progress.write(f"data ran out after {step} of {total} steps")
