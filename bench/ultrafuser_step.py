@@ -170,8 +170,9 @@ def setup_jax(root: Path, a, stage: int, check: bool):
             "version": f"jax {jax.__version__}"}
     if check:  # loss and every gradient of what the stage trains, at the initial weights (not timed)
         if stage == 1:
+            frozen = params[SPECIALISTS]
             loss, gg = jax.jit(jax.value_and_grad(
-                lambda gt: loss_fn({SPECIALISTS: params[SPECIALISTS], GATE: gt}, batch, None)[0]))(params[GATE])
+                lambda gt: loss_fn({SPECIALISTS: frozen, GATE: gt}, batch, None)[0]))(params[GATE])
             g = {GATE: gg}
         else:
             loss, g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0]))(params)
