@@ -23,7 +23,7 @@ BENCHMARKS = ROOT / "BENCHMARKS.md"
 def write_section(section: str, text: str, path: Path = BENCHMARKS) -> None:
     """Replace the section that starts with the heading line ``section`` (up to the next ``## `` heading)
     with ``text``, or append ``text`` when there is none; every other section stays as it is. Written
-    atomically (a killed benchmark never leaves half a file)."""
+    atomically (a killed benchmark never leaves half a file); says what it wrote where."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from fusion_jax.utils.atomic import atomic_file
@@ -36,6 +36,7 @@ def write_section(section: str, text: str, path: Path = BENCHMARKS) -> None:
         new = old.rstrip("\n") + ("\n\n" if old else "") + body
     with atomic_file(path) as f:
         f.write(new)
+    print(f"wrote '{section}' into {path}")
 
 
 def _cpu_model() -> str:

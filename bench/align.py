@@ -252,7 +252,6 @@ def main() -> int:
     print(text)
     if a.write:
         write_section(SECTION, text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
     return 0
 
 

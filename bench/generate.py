@@ -123,9 +123,9 @@ def main() -> None:
         *[f"| {B} | {o:.1f} | {h:.1f} | **{r:.2f}x** | {c:.1f} |" for B, o, h, r, c in rows], "",
         "Goal >= 2x transformers on this CPU. The first call compiles two programs per (batch, length) bucket "
         "(prefill and the decode chunk); later calls with prompts in the same buckets reuse them. On a loaded shared machine the ratio is inflated: PyTorch's OpenMP pool slows down far more than XLA's when the cores are oversubscribed (see the UltraFuser section), so compare runs at a similar load; the same comparison on a quieter machine (2026-11-28, models.generate) gave 3.0x at batch 1 and 3.6x at batch 8."])
+    print(text)
     if not a.no_write_md:
         write_section(SECTION, text)
-    print(text)
 
 
 if __name__ == "__main__":

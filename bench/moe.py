@@ -468,7 +468,6 @@ def main():
     print(text)
     if a.write:
         write_section(SECTION, text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -146,7 +146,6 @@ def main(argv=None) -> int:
     print(text)
     if a.write:
         write_section(SECTION, text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
     return 0
 
 

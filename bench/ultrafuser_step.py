@@ -529,7 +529,6 @@ def main():
             "",
         ])
         write_section(SECTION, text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
 
 
 if __name__ == "__main__":
