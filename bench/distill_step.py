@@ -20,14 +20,12 @@ the params and optimizer state both hold) and tokens/s from alternating rounds (
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import time
-from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from _report import machine, write_section  # noqa: E402  (bench/ is this script's directory)
+
 SECTION = "## Distillation train step"
 
 
@@ -121,8 +119,8 @@ def main(argv=None) -> int:
     rate = {n: B * S / float(np.median(v)) for n, v in times.items()}
     base = "dense target"
     lines = [SECTION, "",
-             f"`python bench/distill_step.py` ({time.strftime('%Y-%m-%d')}, this CPU: {os.cpu_count()} cores, load "
-             f"average {os.getloadavg()[0]:.1f}): a Llama student (d={a.hidden}, {a.layers} layers, vocab {V}, "
+             f"`python bench/distill_step.py` ({time.strftime('%Y-%m-%d')}; {machine(libs=('jax', 'optax'))} "
+             f"at the end): a Llama student (d={a.hidden}, {a.layers} layers, vocab {V}, "
              f"float32), batch {B} x {S}, {C} candidates x top-{k}, AvgCE, lambda 0.9, AdamW, jitted with donated "
              f"state; {a.rounds} alternating rounds of {a.steps} steps (medians). Same loss ({l0:.5f} vs {l1:.5f}) "
              f"and gradient norm ({g0:.4f} vs {g1:.4f}). Memory: XLA's compiled temporaries of the step "
@@ -138,10 +136,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.write:
-        f = ROOT / "BENCHMARKS.md"
-        old = f.read_text()
-        pat = re.compile(re.escape(SECTION) + r"\n.*?(?=\n## |\Z)", re.S)
-        f.write_text(pat.sub(text.rstrip() + "\n", old) if SECTION + "\n" in old else old.rstrip() + "\n\n" + text)
+        write_section(SECTION, text)
     return 0
 
 

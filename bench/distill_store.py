@@ -19,7 +19,6 @@ The top-k data are random (both formats are fixed-width per token: the values do
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import tempfile
 import time
@@ -27,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+
 VOCABS = (1024, 32000, 128256, 152064)
 N_SEQ, SEQ = 64, 256
 SECTION = "## Teacher store size"
@@ -124,11 +124,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.write:
-        f = ROOT / "BENCHMARKS.md"
-        old = f.read_text()
-        pat = re.compile(re.escape(SECTION) + r".*?(?=\n## |\Z)", re.S)
-        new = pat.sub(text.rstrip() + "\n", old) if SECTION in old else old.rstrip() + "\n\n" + text
-        f.write_text(new)
+        write_section(SECTION, text)
     return 0
 
 

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+from _report import machine, write_section  # noqa: E402  (bench/ is this script's directory)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -82,7 +81,7 @@ def main() -> None:
     from fusion_jax.eval import generation as g
     from fusion_jax.eval.models import load_eval_model
     torch.set_num_threads(os.cpu_count() or 1)
-    load0 = os.getloadavg()[0]
+    mach = machine() + " at start"
     with tempfile.TemporaryDirectory() as tmp:
         path = make_model(Path(tmp) / "smol", num_hidden_layers=a.layers)
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -109,8 +108,6 @@ def main() -> None:
             rows.append((B, B * a.new / mo, B * a.new / mh, mh / mo, compile_s))
             print(f"batch {B}: fusion-jax {B * a.new / mo:.1f} tok/s, transformers {B * a.new / mh:.1f} tok/s "
                   f"({mh / mo:.2f}x), first call (compile) {compile_s:.1f}s", flush=True)
-    load1 = os.getloadavg()[0]
-    cpu = platform.processor() or platform.machine()
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     text = "\n".join([
         SECTION, "",
@@ -120,15 +117,15 @@ def main() -> None:
         f"rounds. fusion-jax: `fusion_jax.eval.generation.generate` (prefill + one {a.new}-step scan, length "
         "bucket 64); transformers "
         f"{transformers.__version__} `generate` (torch {torch.__version__}, {torch.get_num_threads()} threads). "
-        f"Machine: {cpu}, {os.cpu_count()} cores, load average {load0:.1f} at start, {load1:.1f} at the end.", "",
+        f"Machine: {mach}, {os.getloadavg()[0]:.1f} at the end.", "",
         "| batch | fusion-jax tok/s | transformers tok/s | ratio | fusion-jax first call (compile) s |",
         "|---|---|---|---|---|",
         *[f"| {B} | {o:.1f} | {h:.1f} | **{r:.2f}x** | {c:.1f} |" for B, o, h, r, c in rows], "",
         "Goal >= 2x transformers on this CPU. The first call compiles two programs per (batch, length) bucket "
         "(prefill and the decode chunk); later calls with prompts in the same buckets reuse them. On a loaded shared machine the ratio is inflated: PyTorch's OpenMP pool slows down far more than XLA's when the cores are oversubscribed (see the UltraFuser section), so compare runs at a similar load; the same comparison on a quieter machine (2026-11-28, models.generate) gave 3.0x at batch 1 and 3.6x at batch 8."])
+    print(text)
     if not a.no_write_md:
         write_section(SECTION, text)
-    print(text)
 
 
 if __name__ == "__main__":

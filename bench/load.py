@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+from _report import machine, write_section  # noqa: E402  (bench/ is this script's directory)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -91,20 +90,6 @@ def _run_child(*args: str) -> dict:
 
 
 # -- report ----------------------------------------------------------------------------------------
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    load = os.getloadavg()[0]
-    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM (load average {load:.1f} at start)"
-
-
 def _section(r: dict) -> str:
     o, h, size = r["ours"], r["hf"], r["size_gb"]
     goal_t = o["load_s"] < h["load_s"]
@@ -169,7 +154,7 @@ def main() -> None:
         return child_load(a._child[1], a._child[2])
 
     from tqdm import tqdm
-    machine = _machine()
+    mach = machine(libs=("jax", "safetensors", "torch", "transformers")) + " at start"
     tmp = tempfile.TemporaryDirectory(prefix="bench-load-") if a.dir is None else None
     path = Path(a.dir or tmp.name) / "ckpt"
     shape = f"d={a.hidden}, ff={a.inter}, {a.layers} layers, {a.heads} heads / {a.kv_heads} kv, vocab {a.vocab}"
@@ -191,7 +176,7 @@ def main() -> None:
                                                                      "peak_rss_mb")} for k, v in runs.items()}
         assert runs["ours"][0]["params"] == runs["hf"][0]["params"], runs
         assert runs["ours"][0]["dtypes"] == ["bfloat16"] == runs["hf"][0]["dtypes"], runs
-        res = dict(date=time.strftime("%Y-%m-%d"), machine=machine, shape=shape, size_gb=size_gb,
+        res = dict(date=time.strftime("%Y-%m-%d"), machine=mach, shape=shape, size_gb=size_gb,
                    files=len(files), params=runs["ours"][0]["params"], repeats=a.repeats,
                    runs={k: [r["load_s"] for r in v] for k, v in runs.items()}, **med)
         text = _section(res)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from _report import machine  # noqa: E402  (bench/ is this script's directory)
 from fusion_jax.utils.hashing import stable_hash
 
 HERE = Path(__file__).resolve().parent
@@ -102,6 +103,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="alternating floor / merge rounds (median)")
     ap.add_argument("--only", default=None, help="method:dtype of EXTRA to run alone (skips dare_ties)")
     args = ap.parse_args()
+    mach = machine(libs=("jax", "mergekit")) + " at start"
+    print(f"machine: {mach}", flush=True)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="fj-merge-bench-"))
     results = {}
     if args.only:
@@ -172,7 +175,7 @@ def main():
     print(f"\nfusion_jax without the fixed JAX process cost ({fixed:.2f} s) / I/O floor = "
           f"{(results['fusion_jax'][0] - fixed) / results['io_floor'][0]:.2f}x")
     _print_extra(extra, n)
-    print(json.dumps({"params": n, **{k: {"s": v[0], "rss_gb": v[1]} for k, v in results.items()},
+    print(json.dumps({"machine": mach, "params": n, **{k: {"s": v[0], "rss_gb": v[1]} for k, v in results.items()},
                       "extra": extra}))
 
 

@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+from _report import alternate, machine, time_call, write_section  # noqa: E402  (bench/ is this script's directory)
 
 import numpy as np
 
@@ -330,12 +329,6 @@ def check(a) -> dict:
 
 
 # -- children -------------------------------------------------------------------------------------------
-def _time(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
 def child(a) -> dict:
     import jax
     import torch
@@ -366,18 +359,14 @@ def child(a) -> dict:
 
 def _alternate(fns: dict, warmup: int, n: int, what: str) -> dict:
     names = list(fns)
-    first = {k: _time(fns[k]) for k in names}       # compile / first call
+    first = {k: time_call(fns[k]) for k in names}       # compile / first call
     for _ in range(warmup - 1):
         for k in names:
             fns[k]()
-    times = {k: [] for k in names}
-    for i in range(n):
-        order = names[i % len(names):] + names[:i % len(names)]
-        for k in order:
-            time.sleep(PAUSE_S)
-            times[k].append(_time(fns[k]))
+
+    def progress(i, times):
         print(f"  {what} round {i + 1}/{n}: " + ", ".join(f"{k} {times[k][-1]:.3f}s" for k in names), flush=True)
-    return {"first_s": first, "s": times}
+    return {"first_s": first, "s": alternate(fns, n, pause_s=PAUSE_S, after_round=progress)}
 
 
 def run_child(a, argv, env, out: Path) -> dict:
@@ -389,13 +378,6 @@ def run_child(a, argv, env, out: Path) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------------
-def machine() -> str:
-    import jax
-    import torch
-    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
-            f"{os.getloadavg()[0]:.1f}; jax {jax.__version__}, torch {torch.__version__}")
-
-
 def table(a, results: dict, mem: list[dict], errs: dict) -> str:
     med = lambda v: float(np.median(v))  # noqa: E731
     tok_layer, tok_step = a.layer_tokens, a.batch * a.seq
@@ -406,7 +388,8 @@ def table(a, results: dict, mem: list[dict], errs: dict) -> str:
              f"Layer: the FFN block's forward + backward on {tok_layer} tokens. Train step: {a.layers} layers, "
              f"{a.heads} heads, vocab {a.vocab}, batch {a.batch} x {a.seq}, AdamW. Candidates timed alternately "
              f"in one process per thread setting ({a.steps} rounds, medians; the first call, which compiles, "
-             f"excluded). Machine: {machine()}. Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             f"excluded). Machine: {machine(libs=('jax', 'torch'))}. "
+             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
              "", "Check before timing (torch vs fusion-jax layer, same weights, noise off; max relative error): "
              + ", ".join(f"{k} {v:.1e}" for k, v in errs.items()) + ".", "",
              "| workload | threads | candidate | s, median (best) | tokens/s | fusion-jax speed vs it |",
@@ -485,7 +468,6 @@ def main():
     print(text)
     if a.write:
         write_section(SECTION, text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import datetime
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -22,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+from _report import machine, write_section  # noqa: E402  (bench/ is this script's directory)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -55,18 +53,6 @@ def sandbox_once(site: bool) -> tuple[float, float]:
     return dt, dc
 
 
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores (load average {os.getloadavg()[0]:.1f} at start)"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=6)
@@ -75,7 +61,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--no-write-md", action="store_true")
     a = ap.parse_args()
-    machine = _machine()
+    mach = machine(libs=()) + " at start"
     iso = run_program("pass", site_packages=False).isolation
     times = {k: [] for k in ("floor_S", "sandbox_S", "floor_site", "sandbox_site")}
     for _ in range(a.rounds):
@@ -102,7 +88,7 @@ def main() -> None:
         f"`python bench/sandbox.py` ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC): one "
         f"tiny program (`{PROGRAM}`) per run, wall time from the caller's side; floor and sandbox "
         f"alternate, {n} runs each, medians; CPU = the caller's plus its children's (`getrusage`), which "
-        f"a loaded machine inflates less than wall time. Machine: {machine}; isolation layers active here: "
+        f"a loaded machine inflates less than wall time. Machine: {mach}; isolation layers active here: "
         f"{', '.join(iso)}.", "",
         "| interpreter | bare `python -I` (floor) wall ms | `run_program` wall ms | overhead wall ms "
         "| floor CPU ms | `run_program` CPU ms | overhead CPU ms |",

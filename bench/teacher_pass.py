@@ -22,8 +22,6 @@ framework uses its default threads.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import shutil
 import tempfile
 import time
@@ -31,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from _report import machine, write_section  # noqa: E402  (bench/ is this script's directory)
+
 SECTION = "## Teacher pass"
 
 
@@ -129,11 +128,10 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     base = rate["transformers"]
-    load = os.getloadavg()[0]
     lines = [SECTION, "",
-             f"`python bench/teacher_pass.py` ({time.strftime('%Y-%m-%d')}, this CPU: {os.cpu_count()} cores, load "
-             f"average {load:.1f}): a Llama-shaped teacher (d={a.hidden}, {a.layers} layers, ffn {a.ffn}, vocab "
-             f"{a.vocab}, float32, random weights), batch {a.batch} x {a.seq} tokens, {a.batches} batches per round, "
+             f"`python bench/teacher_pass.py` ({time.strftime('%Y-%m-%d')}; "
+             f"{machine(libs=('jax', 'torch', 'transformers'))} at the end): a Llama-shaped teacher "
+             f"(d={a.hidden}, {a.layers} layers, ffn {a.ffn}, vocab {a.vocab}, float32, random weights), batch {a.batch} x {a.seq} tokens, {a.batches} batches per round, "
              f"{a.rounds} alternating rounds (medians). Both sides agree: {100 * same:.2f}% of the top-10 ids in the "
              f"same slot (ties of random logits aside), log-probs within {err:.1e}. fusion-jax's first batch "
              f"(compile) took {compile_s:.1f} s.", "",
@@ -147,10 +145,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if a.write:
-        f = ROOT / "BENCHMARKS.md"
-        old = f.read_text()
-        pat = re.compile(re.escape(SECTION) + r"\n.*?(?=\n## |\Z)", re.S)
-        f.write_text(pat.sub(text.rstrip() + "\n", old) if SECTION + "\n" in old else old.rstrip() + "\n\n" + text)
+        write_section(SECTION, text)
     return 0
 
 

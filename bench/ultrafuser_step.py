@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,7 +42,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _report import write_section  # noqa: E402  (bench/ is this script's directory)
+from _report import alternate, machine, time_call, write_section  # noqa: E402  (bench/ is this script's directory)
 
 import numpy as np
 
@@ -171,8 +170,9 @@ def setup_jax(root: Path, a, stage: int, check: bool):
             "version": f"jax {jax.__version__}"}
     if check:  # loss and every gradient of what the stage trains, at the initial weights (not timed)
         if stage == 1:
+            frozen = params[SPECIALISTS]
             loss, gg = jax.jit(jax.value_and_grad(
-                lambda gt: loss_fn({SPECIALISTS: params[SPECIALISTS], GATE: gt}, batch, None)[0]))(params[GATE])
+                lambda gt: loss_fn({SPECIALISTS: frozen, GATE: gt}, batch, None)[0]))(params[GATE])
             g = {GATE: gg}
         else:
             loss, g = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch, None)[0]))(params)
@@ -278,17 +278,11 @@ ONE_THREAD_ENV = {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_para
                   "FJ_BENCH_THREADS": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _time(step) -> float:
-    t = time.perf_counter()
-    step()
-    return time.perf_counter() - t
-
-
 def child_isolated(root: Path, a, fw: str, stage: int) -> dict:
     """One framework alone: the check values, compile/first-step time, then the warm-up steps (so that
     peak RSS covers training)."""
     step, info = SETUP[fw](root, a, stage, check=True)
-    info["first_step_s"] = _time(step)
+    info["first_step_s"] = time_call(step)
     for _ in range(max(a.warmup - 1, 0)):
         step()
     return info
@@ -302,14 +296,11 @@ def child_paired(root: Path, a, stage: int) -> dict:
     for _ in range(a.warmup):
         for fw in steps:
             steps[fw]()
-    times = {fw: [] for fw in steps}
-    for i in range(a.steps):
-        for fw in (("jax", "torch") if i % 2 == 0 else ("torch", "jax")):
-            time.sleep(PAUSE_S)
-            times[fw].append(_time(steps[fw]))
+
+    def progress(i, times):
         print(f"  stage {stage} timed step {i + 1}/{a.steps}: jax {times['jax'][-1]:.2f} s, "
               f"torch {times['torch'][-1]:.2f} s", flush=True)
-    return {"step_s": times}
+    return {"step_s": alternate(steps, a.steps, pause_s=PAUSE_S, after_round=progress)}
 
 
 def run_child(mode: str, stage: int, root: Path, argv: list[str], env: dict | None = None) -> dict:
@@ -352,13 +343,6 @@ def compare(root: Path, stage: int, res_j: dict, res_t: dict) -> dict:
 
 
 # -- report -------------------------------------------------------------------------------------------
-def machine() -> str:
-    load = os.getloadavg()[0]
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), {mem:.0f} GiB, "
-            f"load average {load:.1f} at the start of the run")
-
-
 def table(a, iso: dict, paired: dict, checks: dict) -> list[str]:
     B, S = a.bpd * len(NAMES), a.seq
     labels = {"torch": "PyTorch + transformers", "jax": "fusion-jax", "jax_unrolled": "fusion-jax, scan_layers=False"}
@@ -437,7 +421,7 @@ def main():
     argv = [x for x in sys.argv[1:] if x not in ("--write", "--keep")]
     argv = [x for i, x in enumerate(argv) if x != "--workdir" and (i == 0 or argv[i - 1] != "--workdir")]
     root = Path(a.workdir or tempfile.mkdtemp(prefix="fj-uf-bench-"))
-    mach = machine()
+    mach = machine(libs=("jax", "torch", "transformers")) + " at the start of the run"
     stages = [int(s) for s in a.stages.split(",")]
     B, S, K = a.bpd * len(NAMES), a.seq, len(NAMES)
     iso, paired, checks = {}, {}, {}
@@ -545,7 +529,6 @@ def main():
             "",
         ])
         write_section(SECTION, text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from _report import alternate, machine, write_section  # noqa: E402  (bench/ is this script's directory)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -69,22 +69,12 @@ def child(a) -> dict:
                         mesh=shd.make_mesh(m), param_logical_axes=axes, rules=r)
             jax.block_until_ready(t.step_fn(batch))   # compiles
             trainers[(json.dumps(m), name)] = t
+    times = alternate({k: (lambda t=t: jax.block_until_ready(t.step_fn(batch))) for k, t in trainers.items()},
+                      a.steps, pause_s=0.1)
     out: dict = {}
-    for i in range(a.steps):
-        keys = list(trainers)
-        keys = keys[i % len(keys):] + keys[:i % len(keys)]   # rotate the order every round
-        for k in keys:
-            time.sleep(0.1)
-            t0 = time.perf_counter()
-            jax.block_until_ready(trainers[k].step_fn(batch))
-            out.setdefault(k[0], {}).setdefault(k[1], []).append(time.perf_counter() - t0)
+    for (m, name), v in times.items():
+        out.setdefault(m, {})[name] = v
     return out
-
-
-def machine() -> str:
-    import jax
-    return (f"{platform.machine()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
-            f"jax {jax.__version__}")
 
 
 def demo_rows(run_dir: Path) -> list[str]:
@@ -169,17 +159,6 @@ three specialists 105 s; zoo.json `timings_s`), shared with the UltraFuser demo 
 entry)."""
 
 
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace (or append) this benchmark's section, leaving every other section as it is."""
-    old = path.read_text() if path.exists() else ""
-    pat = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pat.search(old):
-        new = pat.sub(lambda _: text.rstrip("\n") + "\n\n", old, count=1).rstrip("\n") + "\n"
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
-    path.write_text(new)
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--hidden", type=int, default=96)
@@ -205,8 +184,7 @@ def main():
     text = table(a, res, Path(a.demo_run) if a.demo_run else None)
     print(text)
     if a.write:
-        write_section(text)
-        print(f"wrote '{SECTION}' into BENCHMARKS.md")
+        write_section(SECTION, text)
 
 
 if __name__ == "__main__":
