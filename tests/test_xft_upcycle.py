@@ -17,7 +17,7 @@ torch = pytest.importorskip("torch")
 
 from fusion_jax.cli import main as cli_main  # noqa: E402
 from fusion_jax.errors import ConfigError  # noqa: E402
-from fusion_jax.hf import load, save  # noqa: E402
+from fusion_jax.hf import load  # noqa: E402
 from fusion_jax.hf.safetensors_io import SafetensorsReader, save_tensors  # noqa: E402
 from fusion_jax.models import CausalLM  # noqa: E402
 from fusion_jax.xft import init_alpha, merge_back, merge_coefficients, save_merged, upcycle  # noqa: E402
