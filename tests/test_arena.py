@@ -1,6 +1,6 @@
 """The arena at smoke size: a zoo from nothing, a contestant of every kind (the base, a specialist, the
-multi-task baseline, merges of both DARE rescales, UltraFuser through its pipeline, XFT) and a wing that is
-not installed (a registry entry naming a module that does not exist), listed as missing; the table, plot and per-model outputs; a rerun reuses every stage.
+multi-task baseline, merges of both DARE rescales, UltraFuser through its pipeline, XFT, FuseLLM and FuseChat)
+and a wing that is not installed (a registry entry naming a module that does not exist), listed as missing; the table, plot and per-model outputs; a rerun reuses every stage.
 The arena's numbers are the UltraFuser report's where both measure the same model on the same set."""
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import pytest
 from fusion_jax.arena.config import get_config
 from fusion_jax.errors import ConfigError
 
-CONTESTANTS = ("base", "math", "multitask", "linear", "dare_ties_exact", "ultrafuser", "xft", "ghost")
+CONTESTANTS = ("base", "math", "multitask", "linear", "dare_ties_exact", "ultrafuser", "xft", "fusellm", "fusechat",
+               "ghost")
 GHOST = ("upcycling", "fusion_jax.ghost_wing.arena:ghost", "a wing that is not in this install")
 
 
@@ -43,6 +44,7 @@ def test_arena_smoke(tmp_path, capsys, monkeypatch):
         assert (tmp_path / "runs" / "arena_smoke" / "outputs" / n / "math.jsonl").is_file()
     assert rows["ultrafuser"]["template"] == "fused" and rows["multitask"]["template"] == "domain"
     assert rows["xft"]["template"] == "domain"
+    assert rows["fusellm"]["template"] == rows["fusechat"]["template"] == "base"
     assert rows["math"]["template"] == "own:math" and rows["base"]["template"] == "base"
     out = tmp_path / "runs" / "arena_smoke"
     md = (out / "report.md").read_text()

@@ -82,7 +82,7 @@ def _claim(report: dict) -> list[str]:
                 f"{b:.4f} for the CLM-only student on the same batches (better on {len(doms)} of "
                 f"{len(pb['distilled']) - 1} domains). See the teachers' margin over the student and the aligned "
                 "positions' shares below for what the fusion term had to give."]
-    if report["method"] == "fusechat":
+    if report["method"] == "fusechat" and "merged" in pb and "pivot" in pb:
         a, b = pb["merged"][ALL], pb["pivot"][ALL]
         s = (f"The merged model reaches {a:.4f} nats/byte, the pivot {b:.4f}"
              + (f", the pivot fine-tuned without fusion {pb['baseline'][ALL]:.4f}" if "baseline" in pb else "")
