@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import distill_models as fx
+from notebooks import check_committed_clean, execute
 from fusion_jax.distill.config import get_config
 from fusion_jax.distill.pipeline import run
 
@@ -161,46 +162,20 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(models, tmp_path, capsys)
 NB = REPO / "colab" / "fusellm_tpu.ipynb"
 
 
-def _parameters_index(nb) -> int:
-    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
-    return tagged[0]
-
-
 def test_notebook_is_committed_clean():
-    nbformat = pytest.importorskip("nbformat")
-    nb = nbformat.read(NB, as_version=4)
-    nbformat.validate(nb)
-    for c in nb.cells:
-        if c.cell_type == "code":
-            assert c.get("outputs") == [] and c.get("execution_count") is None
-    src = nb.cells[_parameters_index(nb)].source
-    for name in ("PRESET", "METHOD", "STUDENT_PATH", "TEACHER_PATHS", "TRAIN_FILES", "OUTPUT_DIR", "ZOO_CACHE_DIR",
-                 "INSTALL"):
-        assert f"{name} =" in src
-    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert "from fusion_jax.distill.pipeline import run" in code   # it runs what train.py runs
+    pytest.importorskip("nbformat")
+    check_committed_clean(NB, ("PRESET", "METHOD", "STUDENT_PATH", "TEACHER_PATHS", "TRAIN_FILES", "OUTPUT_DIR",
+                               "ZOO_CACHE_DIR", "INSTALL"), runs="fusion_jax.distill.pipeline.run")
 
 
-def test_notebook_runs_smoke_on_cpu(zoo, tmp_path, monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    nb = nbformat.read(NB, as_version=4)
+def test_notebook_runs_smoke_on_cpu(zoo, tmp_path):
+    pytest.importorskip("nbformat")
+    pytest.importorskip("nbclient")
     params = {"PRESET": "smoke", "CHECKOUT": str(REPO), "INSTALL": False, "OUTPUT_DIR": str(tmp_path / "runs"),
               "ZOO_CACHE_DIR": str(zoo), "MAX_NEW_TOKENS": 4, "OVERRIDES": {"trainer.progress": False}}
-    nb.cells.insert(_parameters_index(nb) + 1, nbformat.v4.new_code_cell(
-        "\n".join(f"{k} = {v!r}" for k, v in params.items()), metadata={"tags": ["injected-parameters"]}))
-    work = tmp_path / "work"
-    work.mkdir()
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(work)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+    r = execute(NB, params, tmp_path / "work")
     report = json.loads((tmp_path / "runs" / "fusellm_smoke" / "report.json").read_text())
     assert "distilled" in report["eval_nats_per_byte"]
-    assert "CPU fallback" in text and "preset 'smoke'" in text and "distilled student:" in text
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 2
-    assert not any(work.iterdir())
+    assert "CPU fallback" in r.stdout and "preset 'smoke'" in r.stdout and "distilled student:" in r.stdout
+    assert r.images == 2
+    assert not any((tmp_path / "work").iterdir())

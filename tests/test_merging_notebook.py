@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from notebooks import check_committed_clean
+
 nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
@@ -12,8 +14,7 @@ NB = Path(__file__).resolve().parents[1] / "colab" / "merge_dare.ipynb"
 
 
 def test_notebook_has_no_outputs():
-    nb = nbformat.read(NB, as_version=4)
-    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    check_committed_clean(NB)
 
 
 def test_notebook_runs(tmp_path, monkeypatch):

@@ -7,72 +7,37 @@ written to ~/.cache or the repository.
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
-from pathlib import Path
 
 import pytest
 
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+from notebooks import REPO, check_committed_clean, execute
 
-ROOT = Path(__file__).resolve().parents[1]
-NB = ROOT / "colab" / "ultrafuser_tpu.ipynb"
+pytest.importorskip("nbformat")
+pytest.importorskip("nbclient")
 
-
-def _parameters_index(nb) -> int:
-    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
-    return tagged[0]
+NB = REPO / "colab" / "ultrafuser_tpu.ipynb"
 
 
 def test_notebook_is_committed_clean():
-    nb = nbformat.read(NB, as_version=4)
-    nbformat.validate(nb)
-    for c in nb.cells:
-        if c.cell_type == "code":
-            assert c.get("outputs") == [] and c.get("execution_count") is None
-    src = nb.cells[_parameters_index(nb)].source
-    for name in ("PRESET", "SPECIALIST_PATHS", "TRAIN_FILES", "OUTPUT_DIR", "ZOO_CACHE_DIR", "INSTALL"):
-        assert f"{name} =" in src
-    # it runs what train.py runs, from the config file train.py reads
-    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert "from fusion_jax.ultrafuser.pipeline import run" in code
-    assert '"configs" / "ultrafuser.py"' in code
+    check_committed_clean(NB, ("PRESET", "SPECIALIST_PATHS", "TRAIN_FILES", "OUTPUT_DIR", "ZOO_CACHE_DIR", "INSTALL"),
+                          runs="fusion_jax.ultrafuser.pipeline.run", config="ultrafuser.py")
 
 
-def test_notebook_runs_smoke_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    # the kernel imports this checkout's fusion_jax whatever is pip-installed
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    monkeypatch.setenv("MPLCONFIGDIR", str(tmp_path / "mpl"))
-    nb = nbformat.read(NB, as_version=4)
-    params = {"PRESET": "smoke", "CHECKOUT": str(ROOT), "INSTALL": False,
+def test_notebook_runs_smoke_on_cpu(tmp_path):
+    params = {"PRESET": "smoke", "CHECKOUT": str(REPO), "INSTALL": False,
               "OUTPUT_DIR": str(tmp_path / "runs"), "ZOO_CACHE_DIR": str(tmp_path / "zoo"),
               "PROMPT": "What is 7 times 6?", "MAX_NEW_TOKENS": 6}
-    injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()),
-                                         metadata={"tags": ["injected-parameters"]})
-    nb.cells.insert(_parameters_index(nb) + 1, injected)
-    work = tmp_path / "work"
-    work.mkdir()
-    client = nbclient.NotebookClient(nb, timeout=240, kernel_name="python3",
-                                     resources={"metadata": {"path": str(work)}})
-    t = time.perf_counter()
-    client.execute()
-    took = time.perf_counter() - t
-    text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []) if o.get("name") == "stdout")
+    r = execute(NB, params, tmp_path / "work", timeout=240)
     out = tmp_path / "runs" / "ultrafuser_smoke"
     report = json.loads((out / "report.json").read_text())
     assert set(report["eval_loss"]) >= {"base", "fused", "text", "code", "math"}
     assert set(report["gate_weights"]) == {"text", "code", "math", "mixed"}
     assert (out / "gate_weights.png").is_file() and (out / "loss_curves.png").is_file()
-    assert "CPU fallback" in text and "preset 'smoke'" in text
-    assert "fused model:" in text
-    # the plots were displayed, not only written
-    images = [o for c in nb.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
-    assert len(images) == 2
+    assert "CPU fallback" in r.stdout and "preset 'smoke'" in r.stdout
+    assert "fused model:" in r.stdout
+    assert r.images == 2          # the plots were displayed, not only written
     # the zoo went to the tmp cache, nothing into the working dir
     assert any((tmp_path / "zoo").iterdir())
-    assert not any(work.iterdir())
-    print(f"notebook executed in {took:.1f} s", file=sys.stderr)
+    assert not any((tmp_path / "work").iterdir())
+    print(f"notebook executed in {r.seconds:.1f} s", file=sys.stderr)

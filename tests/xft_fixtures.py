@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,43 +48,17 @@ def smoke_flags(zoo: Path, out: Path, *extra: str) -> list[str]:
             "--config.trainer.progress=False", *extra]
 
 
-def parameters_index(nb) -> int:
-    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(tagged) == 1, "exactly one cell must be tagged 'parameters'"
-    return tagged[0]
-
-
 def _execute_notebook(zoo: Path, out: Path, work: Path):
-    """The notebook at smoke size (parameters injected after the tagged cell, as papermill does): the
-    checkout is this repository (no pip install), outputs under ``out``, the kernel's cwd ``work``."""
-    import nbclient
-    import nbformat
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+    """The notebook at smoke size: outputs under ``out``, the kernel's cwd ``work``."""
+    from notebooks import execute
     params = {"PRESET": "smoke", "CHECKOUT": str(REPO), "INSTALL": False, "OUTPUT_DIR": str(out),
               "ZOO_CACHE_DIR": str(zoo), "OVERRIDES": {"trainer.progress": False}, "MAX_NEW_TOKENS": 6}
-    nb.cells.insert(parameters_index(nb) + 1, nbformat.v4.new_code_cell(
-        "\n".join(f"{k} = {v!r}" for k, v in params.items()), metadata={"tags": ["injected-parameters"]}))
-    work.mkdir(parents=True, exist_ok=True)
-    env = fast_env() | {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                        "MPLCONFIGDIR": str(work.parent / "mpl")}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)   # the kernel inherits this process's environment
-    try:
-        client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                         resources={"metadata": {"path": str(work)}})
-        client.execute()
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return nb
+    return execute(NOTEBOOK, params, work, env=fast_env())
 
 
 def smoke_runs(tmp_path_factory) -> dict:
     """Once per session: the notebook's 1-device smoke run and ``train.py``'s 8-device one (see the module
-    docstring). ``{"nb", "nb_seconds", "out1", "out8", "log8", "zoo", "root"}``."""
+    docstring). ``{"nb" (a notebooks.Executed), "out1", "out8", "log8", "zoo", "root"}``."""
     key = str(tmp_path_factory.getbasetemp())
     if key in _RUNS:
         return _RUNS[key]
@@ -95,14 +68,12 @@ def smoke_runs(tmp_path_factory) -> dict:
         f"--config.mesh.{k}={v}" for k, v in MESH8.items()])], cwd=REPO, env=fast_env(8), stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True)
     try:
-        t = time.perf_counter()
         nb = _execute_notebook(zoo, root / "runs1", root / "nb_work")
-        took = time.perf_counter() - t
         log8 = eight.communicate(timeout=600)[0]
     finally:
         if eight.poll() is None:
             eight.kill()
     assert eight.returncode == 0, log8[-3000:]
-    _RUNS[key] = {"nb": nb, "nb_seconds": took, "out1": root / "runs1" / "xft_smoke",
+    _RUNS[key] = {"nb": nb, "out1": root / "runs1" / "xft_smoke",
                   "out8": root / "runs8" / "xft_smoke", "log8": log8, "zoo": zoo, "root": root}
     return _RUNS[key]
