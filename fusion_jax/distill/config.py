@@ -27,7 +27,6 @@ DOMAINS = ("text", "code", "math")
 MERGE_METHODS = ("varm", "sce", "sce_fusechat", "linear")
 
 
-
 def _family(tokenizer: str, vocab: int, arch: str, d: int, f: int, layers: int, heads: int, kv: int, window: int,
             pretrain: mlc.ConfigDict) -> mlc.ConfigDict:
     return mlc.ConfigDict({"tokenizer": tokenizer, "vocab_size": vocab, "architecture": arch, "hidden_size": d,

@@ -42,7 +42,6 @@ def _stage(steps: int, bpd: int, lr: float, warmup: int) -> mlc.ConfigDict:
     })
 
 
-
 def base_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.method = "ultrafuser"

@@ -54,7 +54,6 @@ def _stage(steps: int, bpd: int, lr: float, warmup: int) -> mlc.ConfigDict:
     })
 
 
-
 def base_config() -> mlc.ConfigDict:
     c = mlc.ConfigDict()
     c.method = "xft"
@@ -200,8 +199,6 @@ def get_config(preset: str | None = None) -> mlc.ConfigDict:
 
 
 _FREE_GROUPS = ("templates", "train_files", "eval_files")   # keyed by domain
-
-
 
 
 def _int(c, path: str, lo: int | None = None) -> int:
