@@ -23,8 +23,12 @@ Layout of a store directory::
     shard-00000.safetensors    sequences [0, R), one file per R sequences, written to a temporary file
     shard-00001.safetensors    and renamed, so a finished shard is whole and never recomputed
     ...
-    manifest.json              written last: the store is complete (fingerprints, codec, shard table,
-                               totals, bytes per token)
+    manifest.json              written last: the store is complete (fingerprints, codec, shard table
+                               with each file's size and SHA-256, totals, bytes per token)
+
+A store is checked when it is opened: the manifest's structure, every shard's presence, size and SHA-256
+(one sequential read of the store, small beside the teacher pass that wrote it and the training that
+reads it); any damage is a DataError naming the file, never silently different targets.
 
 Each shard holds ``ids`` uint8 [n, ceil(k*bits/8)], ``top`` float16 [n], ``delta`` uint8|float16
 [n, k-1], optionally ``count`` uint8 [n] and ``ce`` float16 [n], then ``offsets`` int64 [m+1] (token
@@ -268,7 +272,7 @@ def finalize(store_dir: Path, plan: Mapping[str, Any]) -> dict:
         t = infos["top"].shape[0]
         size = p.stat().st_size
         shards.append({"file": p.name, "sequences": [seq0, seq0 + m], "tokens": [n_tokens, n_tokens + t],
-                       "bytes": size})
+                       "bytes": size, "sha256": _sha256(p)})
         seq0 += m
         n_tokens += t
         n_bytes += size
@@ -281,7 +285,76 @@ def finalize(store_dir: Path, plan: Mapping[str, Any]) -> dict:
     return manifest
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 # -- reading --------------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_manifest(m: Any, path: Path, what: str) -> None:
+    """The manifest's structure (types of every field a reader uses) and each shard's file and size: a
+    DataError naming the manifest or the shard and saying how to recover."""
+    f = path / MANIFEST
+    fix = f"delete {path} and rerun the teacher pass (or the pipeline) to recompute it"
+
+    def bad(why: str):
+        return DataError(f"{what}: {f} is damaged ({why}); {fix}")
+    if not isinstance(m, dict):
+        raise bad(f"a JSON {type(m).__name__}, not an object")
+    if m.get("format") != FORMAT or m.get("version") != VERSION:
+        raise DataError(f"{what}: {path} is not a {FORMAT} v{VERSION} store ({f} says "
+                        f"{m.get('format')!r} v{m.get('version')!r}); {fix}")
+    for key in ("n_sequences", "n_tokens", "shard_sequences"):
+        if not _is_int(m.get(key)) or m[key] < (1 if key == "shard_sequences" else 0):
+            raise bad(f"{key} is {m.get(key)!r}")
+    if not isinstance(m.get("fingerprints"), dict):
+        raise bad(f"fingerprints is {m.get('fingerprints')!r}")
+    bpt = m.get("bytes_per_token")
+    if not isinstance(bpt, (int, float)) or isinstance(bpt, bool) or not bpt >= 0:
+        raise bad(f"bytes_per_token is {m.get('bytes_per_token')!r}")
+    if not isinstance(m.get("codec"), dict):
+        raise bad(f"codec is {m.get('codec')!r}")
+    try:
+        Codec.from_json(m["codec"])
+    except (KeyError, TypeError) as e:
+        raise bad(f"codec: {e}") from None
+    except DataError as e:
+        raise bad(str(e)) from None
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        raise bad(f"shards is {shards!r}")
+    seq = tok = 0
+    for i, sh in enumerate(shards):
+        ok = (isinstance(sh, dict) and isinstance(sh.get("file"), str) and _is_int(sh.get("bytes"))
+              and all(isinstance(sh.get(k), list) and len(sh[k]) == 2 and all(map(_is_int, sh[k]))
+                      for k in ("sequences", "tokens"))
+              and isinstance(sh.get("sha256", ""), str))
+        if not ok or sh["file"] != shard_name(i) or sh["sequences"][0] != seq or sh["tokens"][0] != tok:
+            raise bad(f"shard entry {i} is {sh!r}")
+        seq, tok = sh["sequences"][1], sh["tokens"][1]
+    if seq != m["n_sequences"] or tok != m["n_tokens"]:
+        raise bad(f"its shards hold {seq} sequences and {tok} tokens, its totals say {m['n_sequences']} and "
+                  f"{m['n_tokens']}")
+    for sh in shards:
+        p = path / sh["file"]
+        if not p.is_file():
+            raise DataError(f"{what}: {p} is missing; {fix}")
+        if p.stat().st_size != sh["bytes"]:
+            raise DataError(f"{what}: {p} holds {p.stat().st_size} bytes, the manifest records {sh['bytes']} "
+                            f"(truncated or replaced); {fix}")
+        if sh.get("sha256") and _sha256(p) != sh["sha256"]:
+            raise DataError(f"{what}: {p} does not hold the bytes its manifest records (its SHA-256 differs: "
+                            f"the file is damaged); {fix}")
+
+
 class Store:
     """A complete store, memory-mapped. Use :meth:`open`."""
 
@@ -305,9 +378,9 @@ class Store:
         try:
             manifest = json.loads(f.read_text())
         except ValueError as e:
-            raise DataError(f"{what}: {f} is not valid JSON ({e})") from None
-        if manifest.get("format") != FORMAT or int(manifest.get("version", -1)) != VERSION:
-            raise DataError(f"{what}: {path} is not a {FORMAT} v{VERSION} store")
+            raise DataError(f"{what}: {f} is not valid JSON ({e}); delete {path} and rerun the teacher pass "
+                            "(or the pipeline) to recompute it") from None
+        _check_manifest(manifest, path, what)
         for key, want in (expect or {}).items():
             have = manifest
             for part in key.split("."):
