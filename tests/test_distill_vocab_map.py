@@ -220,3 +220,50 @@ def test_real_mined_map_sample_equals_brute_force():
     for p, g in zip(sub, got.tolist()):
         q = p.replace("Ġ", "▁")
         assert g == min(range(len(bp)), key=lambda j: lev(q, bp[j])), p
+
+
+def _vocab_map_damages():
+    import hardening as H
+    cases = [("manifest", "truncate"), ("manifest", "garble"), ("manifest", "list"), ("table", "truncate"),
+             ("table", "garble"), ("table", "delete")]
+    cases += [("field", k) for k in ("kind", "teacher_vocab_size", "base_vocab_size", "teacher_marker")]
+    cases += [("table", "out-of-range"), ("table", "float")]
+    return H, cases
+
+
+@pytest.mark.parametrize("part,how", _vocab_map_damages()[1], ids=lambda x: str(x))
+def test_damaged_vocab_map_and_pair_counts_are_named_errors(part, how, bpe_tok, unigram_tok, tmp_path):
+    """A saved map or pair-count file damaged any way: a DataError naming the file, never a traceback
+    of numpy or zipfile, never a table with ids outside the base vocabulary."""
+    import json
+
+    H = _vocab_map_damages()[0]
+    path = build_vocab_map(bpe_tok, unigram_tok, "exact").save(tmp_path / "map")
+    man, tab = path / "manifest.json", path / "table.npz"
+    if part == "manifest":
+        if how == "list":
+            man.write_text("[1, 2]")
+        else:
+            H.damage_file(man, "truncate", man.stat().st_size // 2) if how == "truncate" else H.garble(man, 2, 8)
+    elif part == "field":
+        doc = json.loads(man.read_text())
+        doc[how] = [how]
+        man.write_text(json.dumps(doc))
+    elif how in ("out-of-range", "float"):
+        t = np.load(tab)["table"]
+        bad = t.astype(np.float32) if how == "float" else np.where(np.arange(len(t)) == 3, 10**6, t)
+        np.savez(tab, table=bad)
+    elif how == "delete":
+        tab.unlink()
+    else:
+        H.damage_file(tab, "truncate", tab.stat().st_size // 2) if how == "truncate" else \
+            H.garble(tab, tab.stat().st_size // 2, 16)
+    with pytest.raises(DataError, match=str(path)):
+        VocabMap.load(path)
+
+    counts = PairCounts(10, 10)
+    counts.save(tmp_path / "counts.npz")
+    f = tmp_path / "counts.npz"
+    H.damage_file(f, "truncate", f.stat().st_size // 2)
+    with pytest.raises(DataError, match="counts.npz"):
+        PairCounts.load(f)

@@ -165,9 +165,18 @@ class PairCounts:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PairCounts":
-        with np.load(path) as z:
-            out = cls(*z["shape"].tolist())
-            out.keys, out.counts = z["keys"], z["counts"]
+        import zipfile
+        try:
+            with np.load(path) as z:
+                shape, keys, counts = z["shape"], z["keys"], z["counts"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{path}: not a pair-count file, or a damaged one ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
+        if shape.shape != (2,) or shape.dtype.kind not in "iu" or keys.shape != counts.shape or keys.ndim != 1:
+            raise DataError(f"{path}: malformed pair counts (shape {shape.tolist()}, keys {keys.shape}, "
+                            f"counts {counts.shape})")
+        out = cls(*shape.tolist())
+        out.keys, out.counts = keys, counts
         return out
 
 
@@ -246,15 +255,27 @@ class VocabMap:
     def load(cls, path: str | os.PathLike, teacher=None, base=None) -> "VocabMap":
         """Load a saved map; with ``teacher`` / ``base`` tokenizers given, a ``DataError`` unless their
         fingerprints are the ones it was built for."""
+        import zipfile
         p = Path(path)
         try:
             manifest = json.loads((p / "manifest.json").read_text(encoding="utf-8"))
             with np.load(p / "table.npz") as z:
-                table = z["table"].astype(np.int32)
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"{p}: not a vocabulary map directory ({e})") from e
-        if manifest.get("format") != FORMAT or table.shape != (manifest["teacher_vocab_size"],):
-            raise DataError(f"{p}/manifest.json: not a {FORMAT!r} map, or its table does not match it")
+                table = z["table"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+            raise DataError(f"{p}: not a vocabulary map directory, or a damaged one ({type(e).__name__}: "
+                            f"{str(e)[:200]})") from None
+        fields = {"kind": str, "teacher_marker": str, "base_marker": str, "teacher_fingerprint": str,
+                  "base_fingerprint": str, "teacher_vocab_size": int, "base_vocab_size": int}
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise DataError(f"{p}/manifest.json: not a {FORMAT!r} manifest")
+        for key, typ in fields.items():
+            if not isinstance(manifest.get(key), typ) or isinstance(manifest.get(key), bool):
+                raise DataError(f"{p}/manifest.json: {key} is {manifest.get(key)!r}, expected a {typ.__name__}")
+        if (table.dtype.kind not in "iu" or table.shape != (manifest["teacher_vocab_size"],)
+                or (table.size and not (-1 <= table.min() and table.max() < manifest["base_vocab_size"]))):
+            raise DataError(f"{p}/table.npz: a {table.dtype} {table.shape} table, the manifest describes "
+                            f"{manifest['teacher_vocab_size']} ids in [-1, {manifest['base_vocab_size']})")
+        table = table.astype(np.int32)
         for tok, key, what in ((teacher, "teacher_fingerprint", "teacher"), (base, "base_fingerprint", "base")):
             if tok is not None and tokenizer_fingerprint(tok) != manifest[key]:
                 raise DataError(f"{p}: this vocabulary map was built for another {what} tokenizer "
