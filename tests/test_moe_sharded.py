@@ -3,7 +3,6 @@ and every gradient (noisy gating on), with the experts split over the mesh's ``e
 4 x fsdp 2); the expert matmuls really run under shard_map (a reduce-scatter over ``expert`` appears)."""
 from __future__ import annotations
 
-import json
 import textwrap
 
 from test_sharding import _run_8dev
