@@ -138,13 +138,22 @@ def _is_local(src: str) -> bool:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[Any]:
+    """``datasets`` without its progress bars and log records: a file it cannot read becomes one DataError
+    of ours, and its own ERROR record of the same failure would be a second message (printed wherever
+    logging is configured, e.g. once lm-eval is imported)."""
+    import logging
+
     import datasets
 
     was = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
     try:
         yield datasets
     finally:
+        logger.setLevel(level)
         if was:
             datasets.enable_progress_bars()
 
