@@ -51,7 +51,9 @@ def _manifest_cases() -> list:
     for key in ("n_sequences", "n_tokens", "shard_sequences", "bytes_per_token", "codec", "shards", "fingerprints"):
         for name, value in (("null", None), ("string", "x"), ("negative", -3), ("list", [1])):
             cases.append((f"{key}={name}", "field", (key, value)))
-    cases += [("codec.k=0", "field", ("codec.k", 0)), ("codec.missing", "field", ("codec.vocab_size", H.__name__)),
+    cases += [("codec.k=0", "field", ("codec.k", 0)), ("codec.k=string", "field", ("codec.k", "x")),
+              ("codec.k=digits", "field", ("codec.k", "3")), ("codec.variable=string", "field", ("codec.variable", "no")),
+              ("codec.vocab_size=string", "field", ("codec.vocab_size", "big")), ("codec.missing", "field", ("codec.vocab_size", H.__name__)),
               ("shard0.bytes=string", "field", ("shards.0.bytes", "big")),
               ("shard0.file=other", "field", ("shards.0.file", "shard-00009.safetensors")),
               ("shard0.sequences=short", "field", ("shards.0.sequences", [0])),

@@ -109,6 +109,45 @@ def test_a_log_window_cut_by_the_resume_gives_the_uninterrupted_rows(tmp_path):
             assert g[k] == pytest.approx(w[k], rel=1e-6), (g["step"], k)
 
 
+def test_the_row_after_a_resume_times_only_the_steps_run_since(tmp_path, monkeypatch):
+    """The window carried over from the checkpoint (step 4) ran before the restart: the step-6 row's
+    tokens/s and step time are over steps 5 and 6 (run in the time measured), not 4-6 in that time."""
+    import types
+
+    import fusion_jax.train.loop as loop
+
+    def crash_at_5(step, metrics, tr):
+        if step == 5:
+            raise _Crash
+
+    def sampler():
+        return DomainBalancedSampler(_arrays(), 2, seed=0, process_index=0, process_count=1)
+
+    a = _trainer(tmp_path, [crash_at_5], log_every=3)
+    with pytest.raises(_Crash):
+        a.run(sampler())
+    a.close()
+    ticks = iter(range(1000))   # the trainer's clock: one second per reading
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    b = _trainer(tmp_path, log_every=3)
+    res = b.run(sampler())
+    b.close()
+    assert res.resumed_from == 4 and [h["step"] for h in res.history] == [5, 6]
+    row = read_jsonl(tmp_path / "logs" / "metrics.jsonl")[-1]
+    assert row["step"] == 6
+    assert row["step_time_s"] == pytest.approx(1.0 / 2)
+    assert row["tokens_per_sec"] == pytest.approx(sum(h["num_tokens"] for h in res.history) / 1.0)
+
+
+def test_checkpoints_without_logging_carry_no_log_window(tmp_path):
+    """log_every 0 logs nothing: no step's metrics pile up in memory or in every checkpoint's meta."""
+    t = _trainer(tmp_path, log_every=0)
+    t.run(DomainBalancedSampler(_arrays(), 2, seed=0, process_index=0, process_count=1))
+    t.close()
+    metas = [json.loads(f.read_text()) for f in sorted((tmp_path / "checkpoints").glob("*/meta/metadata"))]
+    assert len(metas) == 2 and all(m["log_window"] == [] for m in metas), [len(m["log_window"]) for m in metas]
+
+
 def test_a_resumed_run_in_the_same_second_keeps_the_earlier_events(tmp_path):
     """tensorboardX names event files by the second: a second writer must not overwrite the first's."""
     from fusion_jax.train.metrics import MetricsLogger

@@ -324,10 +324,17 @@ def _check_manifest(m: Any, path: Path, what: str) -> None:
         raise bad(f"codec is {m.get('codec')!r}")
     try:
         Codec.from_json(m["codec"])
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:   # a field missing, or of a type int()/float() refuse
         raise bad(f"codec: {e}") from None
     except DataError as e:
         raise bad(str(e)) from None
+    # the dataclass converts nothing: a "3" or a 2.5 for k, a "no" for variable would reach the decoder
+    c = m["codec"]
+    for key, ok in (("k", _is_int), ("vocab_size", _is_int), ("logit_format", lambda v: isinstance(v, str)),
+                    ("logit_step", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+                    ("variable", lambda v: isinstance(v, bool)), ("token_ce", lambda v: isinstance(v, bool))):
+        if not ok(c[key]):
+            raise bad(f"codec.{key} is {c[key]!r}")
     shards = m.get("shards")
     if not isinstance(shards, list):
         raise bad(f"shards is {shards!r}")

@@ -292,7 +292,8 @@ class Trainer:
         # the steps since the last logged row: saved with each checkpoint, so that a run resumed between
         # two log steps logs the same means over the same steps as an uninterrupted one
         window: list[dict] = (list(self._restored_meta.get("log_window") or [])
-                              if resumed_from is not None else [])
+                              if resumed_from is not None and cfg.log_every else [])
+        carried = len(window)    # of those, the steps run before the restart: not in the time since t_last
         t_last = time.perf_counter()
 
         def fetch(consumed: int):
@@ -337,15 +338,18 @@ class Trainer:
                 rate = progress.update(step, loss, tokens)
                 host["tokens_per_sec"] = rate
                 history.append(dict(host, step=step))
-                window.append(host)
+                if cfg.log_every:   # no logging: no window (it would grow in memory and in every checkpoint)
+                    window.append(host)
                 if cfg.log_every and (step % cfg.log_every == 0 or step == total):
                     now = time.perf_counter()
                     row = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
                     row["num_tokens"] = float(sum(w.get("num_tokens", 0.0) for w in window))
-                    row["tokens_per_sec"] = row["num_tokens"] / max(now - t_last, 1e-9)
-                    row["step_time_s"] = (now - t_last) / len(window)
+                    timed = window[carried:]
+                    row["tokens_per_sec"] = (float(sum(w.get("num_tokens", 0.0) for w in timed))
+                                             / max(now - t_last, 1e-9))
+                    row["step_time_s"] = (now - t_last) / len(timed)
                     logger.log(step, row)
-                    window, t_last = [], now
+                    window, t_last, carried = [], now, 0
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == total):
                     evaluate(step)
                 for cb in self.callbacks:
