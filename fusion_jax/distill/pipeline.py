@@ -173,13 +173,13 @@ def teacher_stores(c, run: Run, student: Model, teachers: list[Model], corpora: 
     from fusion_jax.distill.vocab_map import tokenizer_fingerprint
     tp = c.teacher_pass
     todo = ([("ref", student)] if bool(c.distill.with_ref_model) else []) + [(m.name, m) for m in teachers]
-    out = {}
+    out, made = {}, {}   # made: the stores this process computed (opened and checked by the pass itself)
     for name, m in todo:
         fps = {"corpus": corpora.fingerprint, "tokenizer": tokenizer_fingerprint(m.tok)}
         path = store_root(c, run) / name
 
         def one(name=name, m=m, fps=fps, path=path):
-            s = run_teacher_pass(m.dir, m.tok, corpora.train_tok[m.name], path, fingerprints=fps, k=int(tp.top_k),
+            s = made[name] = run_teacher_pass(m.dir, m.tok, corpora.train_tok[m.name], path, fingerprints=fps, k=int(tp.top_k),
                                  batch_per_device=int(tp.batch_per_device), shard_sequences=int(tp.shard_sequences),
                                  pad_multiple=int(tp.pad_multiple), logit_format=str(tp.logit_format),
                                  logit_chunk=int(tp.logit_chunk), dtype=str(tp.dtype),
@@ -188,8 +188,10 @@ def teacher_stores(c, run: Run, student: Model, teachers: list[Model], corpora: 
             return store_summary(s)
 
         run.stage(f"teacher_pass_{name}", one)
-        out[name] = Store.open(path, {"fingerprints.corpus": fps["corpus"], "fingerprints.tokenizer": fps["tokenizer"]},
-                               f"teacher store ({name})")
+        # a store from an earlier run is opened (and its shards' hashes checked) once, here
+        out[name] = made.get(name) or Store.open(
+            path, {"fingerprints.corpus": fps["corpus"], "fingerprints.tokenizer": fps["tokenizer"]},
+            f"teacher store ({name})")
     return out
 
 
@@ -200,19 +202,20 @@ def aligned_stores(c, run: Run, student: Model, teachers: list[Model], corpora: 
     from fusion_jax.distill.store import Store
     from fusion_jax.distill.vocab_map import tokenizer_fingerprint
     opts = AlignOptions(**c.align.to_dict())
-    out, stats = {}, {}
+    out, stats, made = {}, {}, {}
     for m in teachers:
         path = run.work / "aligned" / m.name
         fps = {"corpus": corpora.fingerprint, "student_tokenizer": tokenizer_fingerprint(student.tok)}
 
         def one(m=m, path=path, fps=fps):
-            a = align_teacher(student.tok, m.tok, corpora.train_tok[STUDENT], corpora.train_tok[m.name],
+            a = made[m.name] = align_teacher(student.tok, m.tok, corpora.train_tok[STUDENT], corpora.train_tok[m.name],
                               stores[m.name], path, opts, fingerprints=fps, student_vocab_size=_vocab(student),
                               log=log, desc=f"align ({m.name})")
             return dict(position_stats(a), bytes_per_token=a.bytes_per_token)
 
         stats[m.name] = run.stage(f"align_{m.name}", one)
-        out[m.name] = Store.open(path, {"fingerprints.corpus": fps["corpus"]}, f"aligned store ({m.name})")
+        out[m.name] = made.get(m.name) or Store.open(path, {"fingerprints.corpus": fps["corpus"]},
+                                                     f"aligned store ({m.name})")
     return out, stats
 
 
