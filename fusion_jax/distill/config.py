@@ -20,6 +20,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from fusion_jax.errors import ConfigError
+from fusion_jax.utils.configs import check_keys
 from fusion_jax.zoo.config import lm_run
 
 METHODS = ("fusellm", "fusechat")
@@ -203,28 +204,6 @@ def get_config(method: str, preset: str | None = None) -> mlc.ConfigDict:
     return c
 
 
-_FREE_GROUPS = ("train_files", "eval_files", "teachers")   # keys chosen by the user (names, domains)
-
-
-def _check_keys(given: dict, schema: dict, where: str) -> None:
-    for k, v in given.items():
-        path = f"{where}.{k}" if where else k
-        if k not in schema:
-            raise ConfigError(f"{path}: unknown option (known: {', '.join(sorted(schema))})")
-        if isinstance(schema[k], dict):
-            if not isinstance(v, dict):
-                raise ConfigError(f"{path}: expected a group of options, got {v!r}")
-            if k in _FREE_GROUPS and where in ("data", "zoo"):
-                family = next(iter(schema[k].values()), None) if k == "teachers" else None
-                for name, sub in v.items():
-                    if family is not None:
-                        if not isinstance(sub, dict):
-                            raise ConfigError(f"{path}.{name}: expected a group of model options")
-                        _check_keys(sub, family, f"{path}.{name}")
-                continue
-            _check_keys(v, schema[k], path)
-
-
 def _choice(value, known, option):
     if value not in known:
         raise ConfigError(f"{option}: {value!r} is unknown (known: {', '.join(known)})")
@@ -238,7 +217,9 @@ def validate(config) -> mlc.ConfigDict:
     preset = c.get("preset", "demo")
     if preset not in PRESETS:
         raise ConfigError(f"preset: {preset!r} is unknown (known: {', '.join(PRESETS)})")
-    _check_keys(c.to_dict(), base_config(method).to_dict(), "")
+    # data.train_files / eval_files are keyed by domain; zoo.teachers by teacher name, each a model family
+    check_keys(c.to_dict(), base_config(method).to_dict(), free=("data.train_files", "data.eval_files"),
+               each=("zoo.teachers",))
     names = [str(n) for n in c.teachers.names]
     what = "teachers" if method == "fusellm" else "sources"
     if len(names) < 1 or (method == "fusellm" and len(names) < 1):

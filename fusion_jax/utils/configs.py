@@ -22,11 +22,14 @@ def as_mapping(cfg: Any, where: str, known: Iterable[str]) -> dict:
     return dict(cfg)
 
 
-def check_keys(given: Mapping, schema: Mapping, where: str = "", *, free: Iterable[str] = ()) -> None:
+def check_keys(given: Mapping, schema: Mapping, where: str = "", *, free: Iterable[str] = (),
+               each: Iterable[str] = ()) -> None:
     """Every key of ``given`` (nested plain dicts) is an option of ``schema`` (the preset's own config as a
-    dict): an unknown one is a ConfigError naming its dotted path and the known ones. A group named in
-    ``free`` (its keys are the user's: domains, teacher names, templates) is not checked inside."""
-    free = tuple(free)
+    dict): an unknown one is a ConfigError naming its dotted path and the known ones. Groups are named by
+    key (any depth) or by dotted path (``"data.train_files"``). A group in ``free`` holds the user's keys
+    (domains, templates) and is not checked inside; a group in ``each`` holds user-named entries that are
+    each a group of the options of the schema's first entry (e.g. one model per teacher name)."""
+    free, each = tuple(free), tuple(each)
     for k, v in given.items():
         path = f"{where}.{k}" if where else k
         if k not in schema:
@@ -34,5 +37,12 @@ def check_keys(given: Mapping, schema: Mapping, where: str = "", *, free: Iterab
         if isinstance(schema[k], Mapping):
             if not isinstance(v, Mapping):
                 raise ConfigError(f"{path}: expected a group of options, got {v!r}")
-            if k not in free:
-                check_keys(v, schema[k], path, free=free)
+            if k in each or path in each:
+                entry = next(iter(schema[k].values()), None)
+                for name, sub in v.items():
+                    if not isinstance(sub, Mapping):
+                        raise ConfigError(f"{path}.{name}: expected a group of options, got {sub!r}")
+                    if isinstance(entry, Mapping):
+                        check_keys(sub, entry, f"{path}.{name}", free=free, each=each)
+            elif k not in free and path not in free:
+                check_keys(v, schema[k], path, free=free, each=each)
