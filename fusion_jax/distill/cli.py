@@ -12,16 +12,10 @@ store per token its top-k log-probabilities and cross-entropy (resumable; rerun 
 
 def teacher_pass(config) -> dict:
     """Stages 1-3 of :mod:`fusion_jax.distill.pipeline`; returns ``{store name: summary}``."""
-    from fusion_jax import sharding
-    from fusion_jax.distill import config as dcfg
-    from fusion_jax.distill.pipeline import prepare
+    from fusion_jax.distill.pipeline import prepare, start
     from fusion_jax.distill.teacher_pass import store_summary
-    from fusion_jax.train.run import Run, init_distributed, log, quiet_orbax
-    c = dcfg.validate(config)
-    quiet_orbax()
-    init_distributed(c.distributed)
-    mesh = sharding.make_mesh(c.mesh.to_dict())
-    run = Run.open(c, fingerprint=dcfg.fingerprint(c))
+    from fusion_jax.train.run import log
+    c, mesh, run = start(config)
     *_, stores = prepare(c, run, mesh)
     out = {n: store_summary(s) for n, s in stores.items()}
     for n, s in out.items():

@@ -350,15 +350,21 @@ def prepare(c, run: Run, mesh):
     return student, teachers, zoo_curves, corpora, stores
 
 
-def run(config) -> dict:
+def start(config) -> tuple[Any, Any, Run]:
+    """``(validated config, mesh, run directory)``: what every entry point of the wing does first (this
+    pipeline and ``fusion-jax teacher-pass``, which must find the same run directory)."""
     from fusion_jax import sharding
-    from fusion_jax.distill import report as drep
-    from fusion_jax.distill.aligned import Candidates
     c = dcfg.validate(config)
     quiet_orbax()
     init_distributed(c.distributed)
     mesh = sharding.make_mesh(c.mesh.to_dict())
-    run_dir = Run.open(c, fingerprint=dcfg.fingerprint(c))
+    return c, mesh, Run.open(c, fingerprint=dcfg.fingerprint(c))
+
+
+def run(config) -> dict:
+    from fusion_jax.distill import report as drep
+    from fusion_jax.distill.aligned import Candidates
+    c, mesh, run_dir = start(config)
     out_dir = run_dir.out_dir
     student, teachers, zoo_curves, corpora, stores = prepare(c, run_dir, mesh)
     aligned, align_stats = aligned_stores(c, run_dir, student, teachers, corpora, stores)
