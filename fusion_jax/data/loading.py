@@ -19,10 +19,11 @@ unreadable or empty file, a missing or non-text field, a conversation without an
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from fusion_jax.errors import DataError
 
@@ -54,6 +55,18 @@ def load_examples(source: str | os.PathLike, *, split: str = "train", domain: st
     if not out and limit != 0:
         raise DataError(f"{src}: no rows")
     return out
+
+
+def jsonl_rows(path: str | os.PathLike, lines: Iterable[str]) -> Iterator[tuple[int, Any]]:
+    """``(line number counted from 1, parsed value)`` for every non-blank line of a JSON-lines file; a line
+    that is not JSON is a DataError naming ``path`` and the line."""
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}, line {i}: not JSON ({e.msg})") from None
 
 
 def examples_from_config(data: Any, domains: Sequence[str], *, eval_required: bool = True

@@ -27,6 +27,7 @@ import json
 import sys
 from pathlib import Path
 
+from fusion_jax.data.loading import jsonl_rows
 from fusion_jax.errors import ConfigError, DataError
 
 TASKS = ("loss", "gsm8k", "gsm8k_tora", "humaneval", "code_jsonl")
@@ -69,13 +70,7 @@ def _read_prompts(path: str) -> list:
     lines = p.read_text().splitlines()
     if p.suffix == ".jsonl":
         out = []
-        for i, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}, line {i}: not JSON ({e.msg})") from None
+        for i, row in jsonl_rows(p, lines):
             if isinstance(row, dict) and isinstance(row.get("prompt"), str):
                 out.append(row["prompt"])
             elif isinstance(row, dict) and isinstance(row.get("messages"), list):

@@ -11,12 +11,12 @@ A sample passes when ``prompt + completion + test + check(entry_point)`` exits 0
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
+from fusion_jax.data.loading import jsonl_rows
 from fusion_jax.errors import DataError
 from fusion_jax.eval.sandbox import Limits, Result, run_programs
 
@@ -62,13 +62,7 @@ def read_problems(path: str | Path | None = None) -> list[dict]:
     opener = gzip.open if path.suffix == ".gz" else open
     problems, seen = [], set()
     with opener(path, "rt", encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {i}: not JSON ({e.msg})") from None
+        for i, row in jsonl_rows(path, f):
             missing = [k for k in FIELDS if not isinstance(row.get(k), str)]
             if missing:
                 raise DataError(f"{path}, line {i}: field(s) {missing} missing or not strings "
