@@ -36,6 +36,7 @@ import numpy as np
 from fusion_jax.errors import CheckpointError, ConfigError
 from fusion_jax.hf.checkpoint import read_config
 from fusion_jax.models.config import ModelConfig, canonical_dtype
+from fusion_jax.utils.configs import as_mapping
 from fusion_jax.xft.assemble import ExpertSource, write_moe
 
 GATE_MODES = ("hidden", "hidden_last", "cheap_embed", "random", "uniform_random")
@@ -85,11 +86,7 @@ def _prompts(value: Any, where: str) -> tuple[str, ...]:
 
 
 def _expert(d: Any, where: str) -> Expert:
-    if not isinstance(d, dict):
-        raise ConfigError(f"{where}: expected a mapping with source_model")
-    unknown = set(d) - _EXPERT_KEYS
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown option (known: {', '.join(sorted(_EXPERT_KEYS))})")
+    d = as_mapping(d, where, sorted(_EXPERT_KEYS))
     if "source_model" not in d:
         raise ConfigError(f"{where}.source_model: missing")
     kw = {}
