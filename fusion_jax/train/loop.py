@@ -150,7 +150,6 @@ class Trainer:
         self.meta = dict(meta or {})
         spec = trainable if trainable is not None else self.opt_config.trainable
         self.split = ParamSplit(params, spec)
-        self._restored_meta: dict = {}          # the meta of the checkpoint restore_latest read
         flat_t, flat_f = self.split.split(params)
 
         axes_flat = self.split.flat(param_logical_axes) if param_logical_axes is not None else None
@@ -251,18 +250,17 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------------
-    def restore_latest(self, global_data_state: bool = False) -> tuple[int | None, Any]:
-        """Restore the latest checkpoint into the current shardings; returns (step, data_state).
-        ``global_data_state``: see :meth:`Checkpointer.restore`."""
+    def restore_latest(self, global_data_state: bool = False) -> tuple[int | None, Any, dict]:
+        """Restore the latest checkpoint into the current shardings; returns (step, data_state, its meta), or
+        (None, None, {}) when there is none. ``global_data_state``: see :meth:`Checkpointer.restore`."""
         if self.checkpointer is None:
-            return None, None
+            return None, None, {}
         latest = self.checkpointer.latest_step()
         if latest is None:
-            return None, None
+            return None, None, {}
         self.state, data_state, meta = self.checkpointer.restore(latest, self.state, self.state_shardings,
                                                                  global_data_state=global_data_state)
-        self._restored_meta = meta
-        return latest, data_state
+        return latest, data_state, meta
 
     def run(self, data: Iterable[Any]) -> TrainResult:
         cfg = self.config
@@ -272,7 +270,7 @@ class Trainer:
         # A plain iterator is resumed by skipping the steps done (a global count); a stateful one only
         # when it says its state is one global position (``state_is_global``), not a per-process one.
         global_state = not stateful or bool(getattr(it, "state_is_global", False))
-        resumed_from, data_state = (self.restore_latest(global_state) if cfg.resume else (None, None))
+        resumed_from, data_state, restored = (self.restore_latest(global_state) if cfg.resume else (None, None, {}))
         start = self.step
         if resumed_from is not None and data_state is not None:
             if stateful and not (isinstance(data_state, dict) and "_skip_batches" in data_state):
@@ -291,8 +289,7 @@ class Trainer:
         history: list[dict] = []
         # the steps since the last logged row: saved with each checkpoint, so that a run resumed between
         # two log steps logs the same means over the same steps as an uninterrupted one
-        window: list[dict] = (list(self._restored_meta.get("log_window") or [])
-                              if resumed_from is not None and cfg.log_every else [])
+        window: list[dict] = list(restored.get("log_window") or []) if cfg.log_every else []
         carried = len(window)    # of those, the steps run before the restart: not in the time since t_last
         t_last = time.perf_counter()
 
