@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import hardening as H
 from distill_fixtures import bpe_tok, load_real, prose, unigram_tok  # noqa: F401  (fixtures)
 from fusion_jax.distill import (ONE_HOT, OWN, PairCounts, VocabMap, align_tokens, build_vocab_map, exact_map,
                                 gather_targets, map_topk, mined_map, statistics_map, teacher_sources, tokenize,
@@ -222,22 +223,17 @@ def test_real_mined_map_sample_equals_brute_force():
         assert g == min(range(len(bp)), key=lambda j: lev(q, bp[j])), p
 
 
-def _vocab_map_damages():
-    import hardening as H
-    cases = [("manifest", "truncate"), ("manifest", "garble"), ("manifest", "list"), ("table", "truncate"),
-             ("table", "garble"), ("table", "delete")]
-    cases += [("field", k) for k in ("kind", "teacher_vocab_size", "base_vocab_size", "teacher_marker")]
-    cases += [("table", "out-of-range"), ("table", "float")]
-    return H, cases
+VOCAB_MAP_DAMAGES = ([("manifest", how) for how in ("truncate", "garble", "list")]
+                     + [("field", k) for k in ("kind", "teacher_vocab_size", "base_vocab_size", "teacher_marker")]
+                     + [("table", how) for how in ("truncate", "garble", "delete", "out-of-range", "float")])
 
 
-@pytest.mark.parametrize("part,how", _vocab_map_damages()[1], ids=lambda x: str(x))
+@pytest.mark.parametrize("part,how", VOCAB_MAP_DAMAGES, ids=lambda x: str(x))
 def test_damaged_vocab_map_and_pair_counts_are_named_errors(part, how, bpe_tok, unigram_tok, tmp_path):
     """A saved map or pair-count file damaged any way: a DataError naming the file, never a traceback
     of numpy or zipfile, never a table with ids outside the base vocabulary."""
     import json
 
-    H = _vocab_map_damages()[0]
     path = build_vocab_map(bpe_tok, unigram_tok, "exact").save(tmp_path / "map")
     man, tab = path / "manifest.json", path / "table.npz"
     if part == "manifest":

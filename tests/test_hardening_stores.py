@@ -46,30 +46,24 @@ def _pass(m, store_dir: Path, runs: Path, capfd=None):
     return H.run_main(main, argv, capfd)
 
 
+MISSING = object()   # a field's value that means: delete the field
+
+
 def _manifest_cases() -> list:
     cases = [("manifest-list", "json", ["not", "an", "object"])]
     for key in ("n_sequences", "n_tokens", "shard_sequences", "bytes_per_token", "codec", "shards", "fingerprints"):
         for name, value in (("null", None), ("string", "x"), ("negative", -3), ("list", [1])):
-            cases.append((f"{key}={name}", "field", (key, value)))
-    cases += [("codec.k=0", "field", ("codec.k", 0)), ("codec.k=string", "field", ("codec.k", "x")),
-              ("codec.k=digits", "field", ("codec.k", "3")), ("codec.variable=string", "field", ("codec.variable", "no")),
-              ("codec.vocab_size=string", "field", ("codec.vocab_size", "big")), ("codec.missing", "field", ("codec.vocab_size", H.__name__)),
-              ("shard0.bytes=string", "field", ("shards.0.bytes", "big")),
-              ("shard0.file=other", "field", ("shards.0.file", "shard-00009.safetensors")),
-              ("shard0.sequences=short", "field", ("shards.0.sequences", [0])),
-              ("shard1.tokens=gap", "field", ("shards.1.tokens", [1, 2]))]
+            cases.append((f"{key}={name}", "field", ((key,), value)))
+    cases += [("codec.k=0", "field", (("codec", "k"), 0)), ("codec.k=string", "field", (("codec", "k"), "x")),
+              ("codec.k=digits", "field", (("codec", "k"), "3")),
+              ("codec.variable=string", "field", (("codec", "variable"), "no")),
+              ("codec.vocab_size=string", "field", (("codec", "vocab_size"), "big")),
+              ("codec.missing", "field", (("codec", "vocab_size"), MISSING)),
+              ("shard0.bytes=string", "field", (("shards", 0, "bytes"), "big")),
+              ("shard0.file=other", "field", (("shards", 0, "file"), "shard-00009.safetensors")),
+              ("shard0.sequences=short", "field", (("shards", 0, "sequences"), [0])),
+              ("shard1.tokens=gap", "field", (("shards", 1, "tokens"), [1, 2]))]
     return cases
-
-
-def _set(doc, dotted: str, value):
-    *parents, last = dotted.split(".")
-    node = doc
-    for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node[p]
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
 
 
 def _damage(store: Path, target: str, how: str, arg) -> str:
@@ -77,12 +71,12 @@ def _damage(store: Path, target: str, how: str, arg) -> str:
     if target == "manifest":
         f = store / st.MANIFEST
         if how == "field":
+            path, value = arg
             doc = json.loads(f.read_text())
-            key, value = arg
-            if key == "codec.vocab_size" and value == H.__name__:
-                del doc["codec"]["vocab_size"]
+            if value is MISSING:
+                del H.get_path(doc, path[:-1])[path[-1]]
             else:
-                _set(doc, key, value)
+                doc = H.with_value(doc, path, value)
             f.write_text(json.dumps(doc))
         elif how == "truncate":
             H.damage_file(f, "truncate", f.stat().st_size // 2)
