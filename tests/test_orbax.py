@@ -129,3 +129,24 @@ def test_load_and_restore_into_target_shardings_on_8_devices(tmp_path_factory, t
     assert res["load_spec"] == "P(None, 'fsdp')", res
     assert res["restore_spec"] == "P(None, 'fsdp', 'tensor')", res
     assert res["n_devices"] == 8
+
+
+def test_never_retrieved_orbax_and_tensorstore_errors_are_dropped_others_kept():
+    """asyncio's "exception was never retrieved" records after a failed Orbax read: an abandoned Orbax
+    task (Orbax frames in its message) and a TensorStore read's own future (no Python frames, a status
+    error) are dropped, the caller reports the failure once; any other asyncio error passes through."""
+    import logging
+
+    from fusion_jax.utils.orbax_errors import _FILTER
+
+    def record(msg, exc=None):
+        return logging.LogRecord("asyncio", logging.ERROR, "asyncio/base_events.py", 1, msg, None,
+                                 (type(exc), exc, None) if exc is not None else None)
+
+    ts = ValueError('OUT_OF_RANGE: Error reading "lm_head.kernel/0.0" in OCDBT database at local file "/x/params/": '
+                    'Requested byte range [0, 10) is not valid for value of size 5')
+    assert not _FILTER.filter(record("Future exception was never retrieved", ts))
+    assert not _FILTER.filter(record("Task exception was never retrieved\nfuture: <Task coro=<f() at "
+                                     "/site-packages/orbax/checkpoint/x.py:1>>"))
+    assert _FILTER.filter(record("Future exception was never retrieved", ValueError("a user's own error")))
+    assert _FILTER.filter(record("Task exception was never retrieved\nfuture: <Task coro=<mine() at /app/x.py:1>>"))

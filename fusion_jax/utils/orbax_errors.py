@@ -10,9 +10,9 @@
   real error, sometimes at interpreter exit, and the abandoned Orbax coroutines, when finalized, print
   "Exception ignored in: <coroutine ...>" with the TensorStore spec (kilobytes). Orbax also logs every
   exception its threads hand back to the caller, with its traceback, at ERROR through absl, and asyncio
-  logs "Task exception was never retrieved" for the abandoned Orbax tasks. All of these are dropped
-  (the caller reports the error once); everything else passes through unchanged. (This module imports
-  neither Orbax nor TensorStore.)
+  logs "Task/Future exception was never retrieved" for the abandoned Orbax tasks and TensorStore reads.
+  All of these are dropped (the caller reports the error once); everything else passes through
+  unchanged. (This module imports neither Orbax nor TensorStore.)
 """
 from __future__ import annotations
 
@@ -92,10 +92,14 @@ class _OrbaxReRaisedFilter(logging.Filter):
             return True
         if record.name == "asyncio":
             # "Task/Future exception was never retrieved": the Orbax frames are in the message for a task,
-            # in the attached traceback for a gathering future
+            # in the attached traceback for a gathering future; a TensorStore read's own future has no
+            # Python frames, only its error, which starts with a TensorStore status ("OUT_OF_RANGE: ...")
             try:
                 text = record.getMessage()
-                if record.exc_info and record.exc_info[1] is not None:
+                exc = record.exc_info[1] if record.exc_info else None
+                if exc is not None:
+                    if _STATUS.match(str(exc)):
+                        return False
                     text += "".join(traceback.format_exception(*record.exc_info))
             except Exception:  # noqa: BLE001 - a malformed record is not ours to judge
                 return True
