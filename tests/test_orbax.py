@@ -150,3 +150,30 @@ def test_never_retrieved_orbax_and_tensorstore_errors_are_dropped_others_kept():
                                      "/site-packages/orbax/checkpoint/x.py:1>>"))
     assert _FILTER.filter(record("Future exception was never retrieved", ValueError("a user's own error")))
     assert _FILTER.filter(record("Task exception was never retrieved\nfuture: <Task coro=<mine() at /app/x.py:1>>"))
+
+
+def test_never_awaited_orbax_coroutines_are_silent_others_warn(tmp_path):
+    """A coroutine Orbax created and abandoned unstarted warns "was never awaited" when collected: dropped
+    for a coroutine whose code is in an ``/orbax/`` file; the same warning of any other coroutine is shown."""
+    orbax_dir = tmp_path / "site" / "orbax"
+    orbax_dir.mkdir(parents=True)
+    (orbax_dir / "fake_store.py").write_text("async def _get_array_metadatas():\n    return 1\n")
+    (tmp_path / "mine.py").write_text("async def mine():\n    return 1\n")
+    code = textwrap.dedent(f"""
+        import gc, importlib.util, sys
+        from fusion_jax.utils.orbax_errors import quiet_orbax_noise
+        quiet_orbax_noise()
+        def load(name, path):
+            spec = importlib.util.spec_from_file_location(name, path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+        orbax_like = load("fake_store", {str(orbax_dir / "fake_store.py")!r})
+        mine = load("mine", {str(tmp_path / "mine.py")!r})
+        c = orbax_like._get_array_metadatas(); del c; gc.collect()
+        c = mine.mine(); del c; gc.collect()
+    """)
+    p = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "coroutine 'mine' was never awaited" in p.stderr
+    assert "_get_array_metadatas" not in p.stderr, p.stderr

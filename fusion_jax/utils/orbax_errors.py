@@ -8,7 +8,8 @@
   TensorStore reads are still in flight; when they finish, their done-callbacks hit the closed loop and
   Python prints ``RuntimeError: Event loop is closed`` tracebacks (as "unraisable" exceptions) after the
   real error, sometimes at interpreter exit, and the abandoned Orbax coroutines, when finalized, print
-  "Exception ignored in: <coroutine ...>" with the TensorStore spec (kilobytes). Orbax also logs every
+  "Exception ignored in: <coroutine ...>" with the TensorStore spec (kilobytes) or, never started,
+  "RuntimeWarning: coroutine '...' was never awaited". Orbax also logs every
   exception its threads hand back to the caller, with its traceback, at ERROR through absl, and asyncio
   logs "Task/Future exception was never retrieved" for the abandoned Orbax tasks and TensorStore reads.
   All of these are dropped (the caller reports the error once); everything else passes through
@@ -20,6 +21,7 @@ import logging
 import re
 import sys
 import traceback
+import warnings
 
 _STATUS = re.compile(r"\b(NOT_FOUND|OUT_OF_RANGE|DATA_LOSS|FAILED_PRECONDITION|INVALID_ARGUMENT|"
                      r"RESOURCE_EXHAUSTED|PERMISSION_DENIED|UNKNOWN|INTERNAL|ABORTED|ALREADY_EXISTS|"
@@ -82,6 +84,17 @@ def _unraisable_hook(unraisable, _next=None):
 _unraisable_hook.previous = None
 
 
+def _show_warning(msg):
+    # "RuntimeWarning: coroutine '...' was never awaited": the warning's source is the coroutine, an Orbax
+    # one abandoned after a failure the caller reports (warnings.warn(..., source=coro) reaches this hook)
+    if _is_orbax_coroutine(getattr(msg, "source", None)):
+        return
+    _show_warning.previous(msg)
+
+
+_show_warning.previous = None
+
+
 class _OrbaxReRaisedFilter(logging.Filter):
     """Drops the logs of exceptions that Orbax hands back to its caller (who reports them): Orbax's own
     ERROR records with a traceback, and asyncio's "Task exception was never retrieved" for an Orbax
@@ -112,10 +125,13 @@ _FILTER = _OrbaxReRaisedFilter()
 
 
 def quiet_orbax_noise() -> None:
-    """Install the two filters of the module docstring (idempotent; call before using Orbax)."""
+    """Install the filters of the module docstring (idempotent; call before using Orbax)."""
     if sys.unraisablehook is not _unraisable_hook:
         _unraisable_hook.previous = sys.unraisablehook
         sys.unraisablehook = _unraisable_hook
+    if getattr(warnings, "_showwarnmsg", _show_warning) is not _show_warning:
+        _show_warning.previous = warnings._showwarnmsg
+        warnings._showwarnmsg = _show_warning
     for name in ("absl", "orbax", "asyncio"):
         lg = logging.getLogger(name)
         if _FILTER not in lg.filters:
